@@ -1,0 +1,361 @@
+"""The trainer for the data-constrained regime: many epochs over a fixed token budget, heavy regularisation.
+
+One loop serves a laptop CPU and a GPU node: under ``torchrun`` it runs data-parallel (gloo on CPUs, NCCL on
+GPUs) with the same global batch, so loss curves match a single process. It resumes exactly: the data order
+is a pure function of (seed, step) and checkpoints carry optimizer and RNG state, so a run killed at any
+point and started again ends at the same loss as one never interrupted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.distributed as tdist
+from tqdm.auto import tqdm
+
+from dataeff import checkpoint as ckpt
+from dataeff import dist
+from dataeff.config import config_hash, dump_yaml, from_dict, option, section, to_dict
+from dataeff.data import DataConfig
+from dataeff.errors import DataeffError
+from dataeff.evaluate import evaluate
+from dataeff.fsutil import atomic_write_json
+from dataeff.model import ModelConfig, Transformer, count_parameters, flops_per_token
+from dataeff.order import EpochOrder
+from dataeff.rundir import MetricsLog, manifest, mark_done, mark_failed, read_result, status
+from dataeff.tokenizer import TokenizerConfig
+from dataeff.tokens import PreparedData, prepare
+
+
+@dataclass
+class OptimConfig:
+    name: Literal["adamw", "muon"] = option("adamw", "adamw, or muon for hidden matrices with AdamW for the rest")
+    lr: float = option(3e-3, "peak learning rate (AdamW groups)")
+    weight_decay: float = option(0.1, "decoupled weight decay on matrices (the paper's optimum is 0.8-3.2)")
+    beta1: float = option(0.9, "AdamW beta1")
+    beta2: float = option(0.95, "AdamW beta2")
+    eps: float = option(1e-8, "AdamW epsilon")
+    muon_lr: float | None = option(None, "Muon learning rate (default: lr; Muon's update is RMS-matched to AdamW)")
+    muon_momentum: float = option(0.95, "Muon momentum")
+    grad_clip: float = option(1.0, "clip the global gradient norm to this (0: off)")
+    schedule: Literal["cosine", "wsd", "constant"] = option("cosine", "learning-rate schedule after warmup")
+    warmup: float = option(0.01, "warmup length as a fraction of all steps")
+    decay: float = option(0.2, "wsd: length of the final linear decay as a fraction of all steps")
+    min_lr_ratio: float = option(0.0, "final learning rate as a fraction of the peak")
+
+
+@dataclass
+class TrainConfig:
+    epochs: float = option(4.0, "passes over the token budget (fractional allowed)")
+    batch_tokens: int = option(8192, "global batch size in tokens (a multiple of model.seq_len)")
+    micro_batch_size: int = option(0, "sequences per forward pass per process (0: the whole per-process batch)")
+    shuffle: Literal["sequence", "document"] = option("sequence", "per-epoch reshuffle of sequences or of documents")
+    init_seed: int = option(0, "seed of the weight initialisation")
+    data_seed: int = option(0, "seed of the data order and dropout")
+    dtype: Literal["bf16", "fp32"] = option("bf16", "bf16 autocast (fp32 master weights) or plain fp32")
+    compile: bool = option(False, "torch.compile the model")
+    device: str = option("auto", "auto, cpu, cuda or mps")
+    threads: int = option(0, "torch intra-op threads (0: torch's default)")
+    eval_every: int = option(0, "steps between held-out evaluations (0: ten per run)")
+    eval_tokens: int = option(65536, "held-out tokens scored at periodic evaluations")
+    final_eval_tokens: int | None = option(None, "held-out tokens scored at the end (default: the whole split)")
+    eval_batch_size: int = option(16, "sequences per evaluation forward pass")
+    checkpoint_every: int = option(0, "steps between checkpoints (0: at every evaluation)")
+    keep_checkpoints: int = option(2, "checkpoints kept on disk (the newest ones)")
+    log_every: int = option(10, "steps between training-loss rows in metrics.jsonl")
+    progress: bool = option(True, "show a progress bar")
+
+
+@dataclass
+class RunConfig:
+    run_dir: str | None = option(None, "where the run lives (default: runs/<config hash>)")
+    data: DataConfig = section(DataConfig, "corpus and token budget")
+    tokenizer: TokenizerConfig = section(TokenizerConfig, "tokenizer")
+    model: ModelConfig = section(ModelConfig, "model shape")
+    optim: OptimConfig = section(OptimConfig, "optimizer and schedule")
+    train: TrainConfig = section(TrainConfig, "training loop")
+
+
+# Fields that do not change what a run computes: they are left out of its identity.
+_NOT_IDENTITY = {("run_dir",), ("data", "cache_dir"), ("train", "progress"), ("train", "threads"), ("train", "log_every")}
+
+
+def run_identity(cfg: RunConfig) -> dict[str, Any]:
+    data = to_dict(cfg)
+    for path in _NOT_IDENTITY:
+        node = data
+        for key in path[:-1]:
+            node = node[key]
+        node.pop(path[-1], None)
+    return data
+
+
+def run_hash(cfg: RunConfig) -> str:
+    return config_hash(run_identity(cfg))
+
+
+def default_run_dir(cfg: RunConfig) -> Path:
+    return Path(cfg.run_dir) if cfg.run_dir else Path("runs") / run_hash(cfg)
+
+
+def lr_multiplier(step: int, total: int, o: OptimConfig) -> float:
+    """Warmup, then cosine or warmup-stable-decay, evaluated for the update made at ``step`` (0-based)."""
+    warmup = max(1, round(o.warmup * total)) if o.warmup > 0 else 0
+    if step < warmup:
+        return (step + 1) / warmup
+    if o.schedule == "constant":
+        return 1.0
+    if o.schedule == "cosine":
+        progress = (step - warmup) / max(1, total - warmup)
+        return o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+    decay_steps = max(1, round(o.decay * total))
+    decay_start = total - decay_steps
+    if step < decay_start:
+        return 1.0
+    progress = (step - decay_start + 1) / decay_steps
+    return o.min_lr_ratio + (1 - o.min_lr_ratio) * (1 - min(progress, 1.0))
+
+
+def build_optimizers(model: Transformer, o: OptimConfig) -> list[torch.optim.Optimizer]:
+    """AdamW with decay on matrices only; with ``muon``, Muon takes the hidden matrices instead."""
+    embeddings = {id(model.embed.weight)} | ({id(model.lm_head.weight)} if model.lm_head is not None else set())
+    hidden = [p for p in model.parameters() if p.dim() == 2 and id(p) not in embeddings]
+    other_matrices = [p for p in model.parameters() if p.dim() >= 2 and id(p) in embeddings]
+    vectors = [p for p in model.parameters() if p.dim() < 2]
+    adam_kwargs = {"lr": o.lr, "betas": (o.beta1, o.beta2), "eps": o.eps}
+    fused = {"fused": True} if next(model.parameters()).device.type in ("cpu", "cuda") else {}
+    if o.name == "muon":
+        muon = torch.optim.Muon(
+            hidden, lr=o.muon_lr or o.lr, weight_decay=o.weight_decay, momentum=o.muon_momentum,
+            adjust_lr_fn="match_rms_adamw",
+        )
+        adam = torch.optim.AdamW(
+            [{"params": other_matrices, "weight_decay": o.weight_decay}, {"params": vectors, "weight_decay": 0.0}],
+            **adam_kwargs, **fused,
+        )
+        return [adam, muon]
+    adam = torch.optim.AdamW(
+        [{"params": hidden + other_matrices, "weight_decay": o.weight_decay}, {"params": vectors, "weight_decay": 0.0}],
+        **adam_kwargs, **fused,
+    )
+    return [adam]
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Step arithmetic derived from the config and the data."""
+
+    seq_len: int
+    batch_seqs: int
+    per_rank: int
+    micro: int
+    accum: int
+    windows_per_epoch: int
+    total_steps: int
+    eval_every: int
+    checkpoint_every: int
+
+
+def make_plan(cfg: RunConfig, order: EpochOrder, world_size: int) -> Plan:
+    t = cfg.train
+    seq_len = order.seq_len
+    if t.batch_tokens < seq_len:
+        raise DataeffError(f"train.batch_tokens={t.batch_tokens} is smaller than one sequence (model.seq_len={seq_len})")
+    batch_seqs = t.batch_tokens // seq_len
+    if batch_seqs % world_size:
+        raise DataeffError(f"train.batch_tokens gives {batch_seqs} sequences, not divisible by {world_size} processes")
+    per_rank = batch_seqs // world_size
+    micro = t.micro_batch_size or per_rank
+    if per_rank % micro:
+        raise DataeffError(f"train.micro_batch_size={micro} does not divide the {per_rank} sequences per process")
+    if t.epochs <= 0:
+        raise DataeffError(f"train.epochs={t.epochs} must be positive")
+    total = max(1, round(t.epochs * order.n / batch_seqs))
+    eval_every = t.eval_every or max(1, total // 10)
+    return Plan(seq_len, batch_seqs, per_rank, micro, per_rank // micro, order.n, total, eval_every,
+                t.checkpoint_every or eval_every)
+
+
+def _prepare_on_rank0(cfg: RunConfig, info: dist.DistInfo) -> PreparedData:
+    # Rank 0 builds the content-addressed store; the others then find it complete.
+    if info.is_main:
+        prepared = prepare(cfg.data, cfg.tokenizer, progress=cfg.train.progress)
+    dist.barrier(info)
+    if not info.is_main:
+        prepared = prepare(cfg.data, cfg.tokenizer, progress=False)
+    return prepared
+
+
+def _check_run_dir(run_dir: Path, cfg: RunConfig) -> None:
+    from dataeff.config import read_yaml
+
+    existing = run_dir / "config.yaml"
+    if existing.exists():
+        data, _ = read_yaml(existing)
+        old = from_dict(RunConfig, data, source=str(existing))
+        if run_identity(old) != run_identity(cfg):
+            raise DataeffError(f"{run_dir}: holds a run with a different config; choose another run_dir")
+
+
+def train(cfg: RunConfig) -> dict[str, Any]:
+    """Train (or resume, or return the result of) the run ``cfg`` describes. Returns its final metrics."""
+    run_dir = default_run_dir(cfg)
+    cfg = dataclasses.replace(cfg, run_dir=str(run_dir))
+    if status(run_dir) == "done":
+        return read_result(run_dir)
+    info = dist.setup(cfg.train.device)
+    try:
+        return _train(cfg, run_dir, info)
+    finally:
+        dist.teardown(info)
+
+
+def _train(cfg: RunConfig, run_dir: Path, info: dist.DistInfo) -> dict[str, Any]:
+    t, device = cfg.train, info.device
+    if t.threads:
+        torch.set_num_threads(t.threads)
+    _check_run_dir(run_dir, cfg)
+    prepared = _prepare_on_rank0(cfg, info)
+    train_split, val_split = prepared.split("train"), prepared.split("val")
+    model_cfg = dataclasses.replace(cfg.model, vocab_size=prepared.tokenizer.vocab_size).resolved()
+    order = EpochOrder(train_split.tokens, train_split.doc_offsets, model_cfg.seq_len, t.data_seed, t.shuffle)
+    plan = make_plan(cfg, order, info.world_size)
+
+    model = Transformer(model_cfg, init_seed=t.init_seed).to(device)
+    optimizers = build_optimizers(model, cfg.optim)
+    params = count_parameters(model_cfg)
+    ckpt_dir = run_dir / "checkpoints"
+    log = MetricsLog(run_dir / "metrics.jsonl")
+
+    if info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        dump_yaml(cfg, run_dir / "config.yaml")
+        if not (run_dir / "manifest.json").exists():
+            atomic_write_json(run_dir / "manifest.json", manifest({
+                "seeds": {"init_seed": t.init_seed, "data_seed": t.data_seed, "budget_seed": cfg.data.budget_seed,
+                          "split_seed": cfg.data.split_seed},
+                "config_hash": run_hash(cfg),
+                "world_size": info.world_size,
+                "device": str(device),
+                "data_store": str(prepared.path),
+                "train_tokens": train_split.n_tokens,
+                "val_tokens": val_split.n_tokens,
+                "params": params,
+                "model": to_dict(model_cfg),
+                "plan": dataclasses.asdict(plan),
+            }))
+            prepared.tokenizer.save(run_dir / "tokenizer.json")
+    dist.barrier(info)
+
+    # Seed dropout from the data seed; a checkpoint's saved RNG state replaces this on resume.
+    torch.manual_seed(t.data_seed + 1_000_003 * info.rank)
+    start_step = 0
+    found = ckpt.list_checkpoints(ckpt_dir)
+    if found:
+        start_step, _ = ckpt.load_checkpoint(found[-1][1], model, optimizers)
+        if info.is_main:
+            log.rewind(start_step)
+
+    fwd_model: torch.nn.Module = model
+    if info.distributed:
+        fwd_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if t.compile:
+        fwd_model = torch.compile(fwd_model)  # type: ignore[assignment]
+    base_lrs = [[g["lr"] for g in opt.param_groups] for opt in optimizers]
+
+    def evaluate_val(max_tokens: int | None) -> dict[str, float]:
+        result = evaluate(model, val_split.tokens, n_bytes=val_split.n_bytes, n_words=val_split.n_words,
+                          seq_len=plan.seq_len, batch_size=t.eval_batch_size, max_tokens=max_tokens, dtype=t.dtype)
+        return result.to_dict("val_")
+
+    bar = tqdm(total=plan.total_steps, initial=start_step, disable=not (info.is_main and t.progress),
+               desc=run_dir.name, unit="step", dynamic_ncols=True)
+    flops = flops_per_token(model_cfg)
+    tokens_per_step = plan.batch_seqs * plan.seq_len
+    last_loss = float("nan")
+    tick, tick_step = time.perf_counter(), start_step
+    model.train()
+    for step in range(start_step, plan.total_steps):
+        mult = lr_multiplier(step, plan.total_steps, cfg.optim)
+        for opt, lrs in zip(optimizers, base_lrs, strict=True):
+            for group, lr in zip(opt.param_groups, lrs, strict=True):
+                group["lr"] = lr * mult
+        first = step * plan.batch_seqs + info.rank * plan.per_rank
+        batch = torch.from_numpy(order.samples(first, plan.per_rank)).to(device)
+        loss_sum = torch.zeros((), device=device)
+        for m in range(plan.accum):
+            chunk = batch[m * plan.micro : (m + 1) * plan.micro]
+            sync = m == plan.accum - 1 or not info.distributed
+            ctx = contextlib.nullcontext() if sync else fwd_model.no_sync()  # type: ignore[operator]
+            with ctx, dist.autocast(device, t.dtype):
+                loss = fwd_model(chunk[:, :-1], chunk[:, 1:])
+            (loss / plan.accum).backward()
+            loss_sum += loss.detach()
+        mean_loss = float(dist.all_reduce_mean(loss_sum / plan.accum, info))
+        if not math.isfinite(mean_loss):
+            kept = ckpt.list_checkpoints(ckpt_dir)
+            where = f"last good checkpoint {kept[-1][1]}" if kept else "no checkpoint was written yet"
+            reason = f"loss is {mean_loss} at step {step}; {where}"
+            if info.is_main:
+                mark_failed(run_dir, reason, step=step)
+            bar.close()
+            raise DataeffError(f"{run_dir}: training diverged: {reason}")
+        clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        for opt in optimizers:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        last_loss = mean_loss
+        done_steps = step + 1
+        bar.update(1)
+        if info.is_main and (done_steps % t.log_every == 0 or done_steps == plan.total_steps):
+            now = time.perf_counter()
+            tok_s = (done_steps - tick_step) * tokens_per_step / max(now - tick, 1e-9)
+            tick, tick_step = now, done_steps
+            log.write({"step": done_steps, "epoch": done_steps * plan.batch_seqs / plan.windows_per_epoch,
+                       "tokens": done_steps * tokens_per_step, "lr": cfg.optim.lr * mult, "train_loss": mean_loss,
+                       "grad_norm": float(grad_norm), "tok_s": tok_s, "flops": flops * done_steps * tokens_per_step})
+            bar.set_postfix(loss=f"{mean_loss:.3f}", tok_s=f"{tok_s:,.0f}")
+        if done_steps % plan.eval_every == 0 and done_steps < plan.total_steps:
+            if info.is_main:
+                log.write({"step": done_steps, **evaluate_val(t.eval_tokens)})
+        if done_steps % plan.checkpoint_every == 0 and done_steps < plan.total_steps:
+            if info.is_main:
+                ckpt.save_checkpoint(ckpt.checkpoint_path(ckpt_dir, done_steps), model, optimizers, done_steps)
+                ckpt.prune_checkpoints(ckpt_dir, t.keep_checkpoints)
+            dist.barrier(info)
+    bar.close()
+
+    result: dict[str, Any] = {}
+    if info.is_main:
+        final = evaluate_val(t.final_eval_tokens)
+        log.write({"step": plan.total_steps, **final})
+        ckpt.save_checkpoint(ckpt.checkpoint_path(ckpt_dir, plan.total_steps), model, optimizers, plan.total_steps)
+        ckpt.prune_checkpoints(ckpt_dir, t.keep_checkpoints)
+        ckpt.save_weights(run_dir / "model.safetensors", model, {"model": to_dict(model_cfg)})
+        result = {
+            **final,
+            "train_loss": last_loss,
+            "steps": plan.total_steps,
+            "epochs": t.epochs,
+            "tokens_seen": plan.total_steps * tokens_per_step,
+            "train_tokens": train_split.n_tokens,
+            "params": params["total"],
+            "non_embedding_params": params["non_embedding"],
+            "flops": flops * plan.total_steps * tokens_per_step,
+            "unigram_entropy": prepared.meta.get("unigram_entropy"),
+        }
+        mark_done(run_dir, result)
+    if info.distributed:
+        box = [result]
+        tdist.broadcast_object_list(box, src=0)
+        result = box[0]
+    return result
+
