@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -18,3 +19,20 @@ def data_dir() -> Path:
     if not value or not Path(value).is_dir():
         pytest.skip("DATAEFF_DATA_DIR is not set to the shared data directory")
     return Path(value)
+
+
+_WORDS = [
+    "the", "a", "cat", "dog", "sat", "ran", "on", "under", "big", "small", "red", "blue", "house", "tree",
+    "river", "stone", "happy", "sad", "quickly", "slowly", "and", "but", "then", "because", "it", "was",
+    "very", "day", "night", "little", "girl", "boy", "found", "played", "with", "her", "his", "friend",
+]
+
+
+@pytest.fixture
+def small_corpus(tmp_path: Path) -> Path:
+    """A blank-line separated .txt corpus of 200 short synthetic documents (seeded, so always the same)."""
+    rng = np.random.default_rng(0)
+    docs = [" ".join(rng.choice(_WORDS, size=int(rng.integers(5, 40)))) + "." for _ in range(200)]
+    path = tmp_path / "small.txt"
+    path.write_text("\n\n".join(docs) + "\n", encoding="utf-8")
+    return path

@@ -1,0 +1,301 @@
+"""The token store: a corpus tokenized once into flat memory-mapped arrays, in a content-addressed directory.
+
+``<cache_dir>/<corpus>-<hash>/`` holds ``tokenizer.json``, ``<split>.bin`` (token ids, every document followed
+by EOS), ``<split>.docs.npy`` (document start offsets plus the end) and ``meta.json``. The hash covers the
+corpus content, the data config and the tokenizer config, so a changed input never reuses a stale store, and
+the directory appears by one rename only once complete, so a crash never leaves one that looks finished.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from dataeff.config import to_dict
+from dataeff.data import (
+    DataConfig,
+    Format,
+    corpus_fingerprint,
+    corpus_name,
+    default_tokenizer_kind,
+    load_documents,
+    read_path,
+)
+from dataeff.errors import DataeffError
+from dataeff.fsutil import atomic_write_json
+from dataeff.tokenizer import Tokenizer, TokenizerConfig, build_tokenizer, resolve_kind
+
+# Bumped whenever the store layout or its tokenization rules change, so old stores are not reused.
+STORE_VERSION = 1
+COMPLETE_MARKER = ".complete"
+_BATCH_DOCS = 1024
+# Fields that change where things are kept, not what they contain.
+_NOT_IDENTITY = ("cache_dir",)
+# Fields that pick the training budget; the tokenizer is trained on the whole training split regardless.
+_BUDGET_FIELDS = ("train_tokens", "budget_seed")
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16 if vocab_size <= 65535 else np.uint32)
+
+
+@dataclass(frozen=True)
+class TokenSplit:
+    """One split's token stream; document ``i`` is ``tokens[doc_offsets[i]:doc_offsets[i+1]]`` (EOS included)."""
+
+    name: str
+    tokens: np.ndarray
+    doc_offsets: np.ndarray
+    n_bytes: int  # UTF-8 bytes of the text the tokens encode
+    n_words: int  # whitespace words of that text, plus one per document for its EOS
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def n_docs(self) -> int:
+        return len(self.doc_offsets) - 1
+
+
+class PreparedData:
+    """A complete token store on disk."""
+
+    def __init__(self, path: Path, meta: dict[str, Any], tokenizer: Tokenizer):
+        self.path = path
+        self.meta = meta
+        self.tokenizer = tokenizer
+
+    @property
+    def splits(self) -> list[str]:
+        return list(self.meta["splits"])
+
+    def split(self, name: str) -> TokenSplit:
+        info = self.meta["splits"].get(name)
+        if info is None:
+            raise DataeffError(f"{self.path}: no split {name!r} (has {', '.join(self.splits)})")
+        tokens = np.memmap(self.path / f"{name}.bin", dtype=self.meta["dtype"], mode="r")
+        offsets = np.load(self.path / f"{name}.docs.npy")
+        if len(tokens) != info["n_tokens"] or offsets[-1] != info["n_tokens"]:
+            raise DataeffError(f"{self.path}/{name}.bin: holds {len(tokens)} tokens, meta.json says {info['n_tokens']}; delete the store")
+        return TokenSplit(name, tokens, offsets, info["n_bytes"], info["n_words"])
+
+
+def load_prepared(path: str | Path) -> PreparedData:
+    """Open an existing, complete token store."""
+    path = Path(path)
+    if not (path / COMPLETE_MARKER).exists():
+        raise DataeffError(f"{path}: not a complete token store (no {COMPLETE_MARKER} marker)")
+    meta = json.loads((path / "meta.json").read_text(encoding="utf-8"))
+    return PreparedData(path, meta, Tokenizer.load(path / "tokenizer.json"))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# tokenizing
+
+
+@dataclass
+class _Stream:
+    offsets: list[int]
+    n_bytes: float = 0.0
+    n_words: float = 0.0
+
+    @property
+    def n_tokens(self) -> int:
+        return self.offsets[-1]
+
+
+def _tokenize(
+    docs: Sequence[str],
+    tokenizer: Tokenizer,
+    dtype: np.dtype,
+    sink: Callable[[np.ndarray], None],
+    *,
+    budget: int | None = None,
+    desc: str = "tokenizing",
+    progress: bool = False,
+) -> _Stream:
+    """Feed ``sink`` the documents' tokens, each followed by EOS, stopping after exactly ``budget`` tokens.
+
+    A document cut by the budget counts its bytes and words in proportion to the share of its tokens kept.
+    """
+    stream = _Stream([0])
+    with tqdm(total=len(docs), desc=desc, unit="doc", disable=not progress) as bar:
+        for start in range(0, len(docs), _BATCH_DOCS):
+            batch = docs[start : start + _BATCH_DOCS]
+            flat: list[int] = []
+            for doc, ids in zip(batch, tokenizer.encode_batch(batch), strict=True):
+                ids.append(tokenizer.eos_id)
+                keep = len(ids) if budget is None else min(len(ids), budget - stream.n_tokens)
+                share = keep / len(ids)
+                flat.extend(ids[:keep])
+                stream.offsets.append(stream.n_tokens + keep)
+                stream.n_bytes += len(doc.encode("utf-8")) * share
+                stream.n_words += (len(doc.split()) + 1) * share
+                if stream.n_tokens == budget:
+                    break
+            sink(np.asarray(flat, dtype=dtype))
+            bar.update(len(batch))
+            if stream.n_tokens == budget:
+                break
+    return stream
+
+
+def _split_meta(stream: _Stream) -> dict[str, int]:
+    return {
+        "n_tokens": stream.n_tokens,
+        "n_docs": len(stream.offsets) - 1,
+        "n_bytes": round(stream.n_bytes),
+        "n_words": round(stream.n_words),
+    }
+
+
+def _write_split(
+    directory: Path, name: str, docs: Sequence[str], tokenizer: Tokenizer, dtype: np.dtype,
+    budget: int | None, progress: bool,
+) -> _Stream:
+    with open(directory / f"{name}.bin", "wb") as f:
+        stream = _tokenize(docs, tokenizer, dtype, lambda a: a.tofile(f), budget=budget, desc=name, progress=progress)
+        f.flush()
+        os.fsync(f.fileno())
+    with open(directory / f"{name}.docs.npy", "wb") as f:
+        np.save(f, np.asarray(stream.offsets, dtype=np.int64))
+        f.flush()
+        os.fsync(f.fileno())
+    return stream
+
+
+def unigram_entropy(tokens: np.ndarray, vocab_size: int) -> float:
+    """Entropy of the token frequency distribution, in nats/token: the loss of the best context-free model."""
+    counts = np.bincount(np.asarray(tokens, dtype=np.int64), minlength=vocab_size)
+    p = counts[counts > 0] / len(tokens)
+    return float(-(p * np.log(p)).sum())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the store
+
+
+def _hash(obj: Any) -> str:
+    blob = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _tokenizer_identity(tok: TokenizerConfig, kind: str) -> dict[str, Any]:
+    identity = {**to_dict(tok), "kind": kind}
+    if kind == "file":
+        if tok.path is None:
+            raise DataeffError("tokenizer.kind=file needs tokenizer.path, the tokenizer.json to load")
+        path = Path(tok.path)
+        if not path.is_file():
+            raise DataeffError(f"tokenizer.path={tok.path}: no such file")
+        identity["file_sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return identity
+
+
+def _cached_tokenizer(
+    cache: Path, key: str, tok: TokenizerConfig, train_docs: Sequence[str], default_kind: str, progress: bool
+) -> Tokenizer:
+    # Kept apart from the stores so that budgets of one corpus share one tokenizer and their losses compare.
+    path = cache / "tokenizers" / f"{key}.json"
+    if path.exists():
+        return Tokenizer.load(path)
+    tokenizer = build_tokenizer(tok, train_docs, default_kind, progress)
+    tokenizer.save(path)
+    return tokenizer
+
+
+def _store_keys(data: DataConfig, tok: TokenizerConfig) -> tuple[Path, str, str]:
+    """(store directory, tokenizer cache key, resolved tokenizer kind)."""
+    kind = resolve_kind(tok, default_tokenizer_kind(data))
+    fields = {k: v for k, v in to_dict(data).items() if k not in _NOT_IDENTITY}
+    unbudgeted = {k: v for k, v in fields.items() if k not in _BUDGET_FIELDS}
+    common = {"version": STORE_VERSION, "corpus": corpus_fingerprint(data), "tokenizer": _tokenizer_identity(tok, kind)}
+    name = corpus_name(data)
+    store = Path(data.cache_dir) / f"{name}-{_hash({**common, 'data': fields})}"
+    return store, f"{name}-{_hash({**common, 'data': unbudgeted})}", kind
+
+
+def prepare(data: DataConfig, tok: TokenizerConfig, *, progress: bool = True) -> PreparedData:
+    """Tokenize the corpus into its store, or open the store if an identical one is already complete."""
+    store, tokenizer_key, kind = _store_keys(data, tok)
+    if (store / COMPLETE_MARKER).exists():
+        return load_prepared(store)
+    docs = load_documents(data)
+    cache = Path(data.cache_dir)
+    tokenizer = _cached_tokenizer(cache, tokenizer_key, tok, docs["train"], default_tokenizer_kind(data), progress)
+    dtype = token_dtype(tokenizer.vocab_size)
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{store.name}.", suffix=".tmp", dir=cache))
+    try:
+        tokenizer.save(tmp / "tokenizer.json")
+        splits: dict[str, dict[str, int]] = {}
+        for name, split_docs in docs.items():
+            budget = data.train_tokens if name == "train" else None
+            if budget is not None:
+                # A seeded shuffle, so budgets of one seed are prefixes of each other (nested worlds).
+                order = np.random.default_rng(data.budget_seed).permutation(len(split_docs))
+                split_docs = [split_docs[i] for i in order]
+            stream = _write_split(tmp, name, split_docs, tokenizer, dtype, budget, progress)
+            if budget is not None and stream.n_tokens < budget:
+                raise DataeffError(
+                    f"data.train_tokens={budget} is more than the training split of {corpus_name(data)!r} holds: "
+                    f"{stream.n_tokens} tokens with this tokenizer"
+                )
+            splits[name] = _split_meta(stream)
+        train_tokens = np.fromfile(tmp / "train.bin", dtype=dtype)
+        meta = {
+            "store_version": STORE_VERSION,
+            "corpus": corpus_name(data),
+            "tokenizer_sha256": tokenizer.sha256,
+            "kind": tokenizer.kind,
+            "vocab_size": tokenizer.vocab_size,
+            "eos_id": tokenizer.eos_id,
+            "dtype": dtype.name,
+            "unigram_entropy": unigram_entropy(train_tokens, tokenizer.vocab_size),
+            "splits": splits,
+            "data": to_dict(data),
+            "tokenizer": {**to_dict(tok), "kind": kind},
+        }
+        atomic_write_json(tmp / "meta.json", meta)
+        (tmp / COMPLETE_MARKER).touch()
+        if store.exists() and not (store / COMPLETE_MARKER).exists():
+            shutil.rmtree(store)  # left by something other than prepare, which only renames complete stores
+        try:
+            os.rename(tmp, store)
+        except OSError:
+            # Another process finished the same store first; its content is identical by construction.
+            if not (store / COMPLETE_MARKER).exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return load_prepared(store)
+
+
+def tokenize_file(
+    prepared: PreparedData,
+    path: str | Path,
+    *,
+    format: Format = "auto",
+    separator: str = "blank_line",
+    text_field: str = "text",
+) -> TokenSplit:
+    """Tokenize any local text file or directory with the store's tokenizer, in memory, for evaluation."""
+    docs = read_path(path, format, separator, text_field)
+    tokenizer = prepared.tokenizer
+    chunks: list[np.ndarray] = []
+    stream = _tokenize(docs, tokenizer, token_dtype(tokenizer.vocab_size), chunks.append)
+    return TokenSplit(
+        Path(path).name, np.concatenate(chunks), np.asarray(stream.offsets, dtype=np.int64),
+        round(stream.n_bytes), round(stream.n_words),
+    )
