@@ -57,12 +57,22 @@ def save_weights(path: str | Path, model: torch.nn.Module, metadata: dict[str, A
         save_file(model_state(model), str(tmp), metadata=meta)
 
 
+def assign_weights(model: torch.nn.Module, tensors: dict[str, torch.Tensor], source: str | Path) -> None:
+    """Load ``tensors`` (final weights, or a training checkpoint's ``model.*``) into ``model``, checking fit first."""
+    if any(k.startswith("model.") for k in tensors):
+        tensors = {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")}
+    expected = model.state_dict()
+    # Checked here because load_state_dict reports shape mismatches as a multi-line RuntimeError.
+    bad = sorted(set(expected) ^ set(tensors)) or [k for k in expected if tensors[k].shape != expected[k].shape]
+    if bad:
+        raise DataeffError(f"{source}: weights do not fit the model (first mismatch: {bad[0]})")
+    model.load_state_dict(tensors)
+
+
 def load_weights(path: str | Path, model: torch.nn.Module) -> dict[str, Any]:
-    """Load weights into ``model``; return the stored metadata. Refuses missing or mismatched tensors."""
+    """Load weights into ``model``; return the stored metadata."""
     tensors, meta = read_safetensors(path)
-    missing, unexpected = model.load_state_dict(tensors, strict=False)
-    if missing or unexpected:
-        raise DataeffError(f"{path}: weights do not fit the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    assign_weights(model, tensors, path)
     return json.loads(meta.get("dataeff", "{}"))
 
 
@@ -99,8 +109,7 @@ def load_checkpoint(
     path: str | Path, model: torch.nn.Module, optimizers: list[torch.optim.Optimizer]
 ) -> tuple[int, dict[str, Any]]:
     tensors, meta = read_safetensors(path)
-    weights = {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")}
-    model.load_state_dict(weights, strict=False)
+    assign_weights(model, tensors, path)
     opt_meta = json.loads(meta["optimizers"])
     if len(opt_meta) != len(optimizers):
         raise DataeffError(f"{path}: checkpoint has {len(opt_meta)} optimizers, the run has {len(optimizers)}")
