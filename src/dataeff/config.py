@@ -181,6 +181,18 @@ def _coerce(value: Any, tp: Any, path: str, where: _Where) -> Any:
     return value
 
 
+def _closest(key: str, valid: list[str]) -> str | None:
+    """The valid key a user most likely meant: a near spelling, or an abbreviation (learning_rate -> lr)."""
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    if close:
+        return close[0]
+    initials = "".join(part[:1] for part in key.split("_"))
+    for candidate in valid:
+        if candidate == initials or (len(candidate) > 2 and (candidate in key or key in candidate)):
+            return candidate
+    return None
+
+
 def _from_dict(cls: type[T], data: dict[str, Any], prefix: str, where: _Where) -> T:
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
@@ -189,8 +201,8 @@ def _from_dict(cls: type[T], data: dict[str, Any], prefix: str, where: _Where) -
         path = f"{prefix}{key}"
         if key not in fields:
             valid = list(fields)
-            close = difflib.get_close_matches(str(key), valid, n=1, cutoff=0.5)
-            hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; valid keys here: {', '.join(valid)}"
+            close = _closest(str(key), valid)
+            hint = f"; did you mean '{prefix}{close}'?" if close else f"; valid keys here: {', '.join(valid)}"
             raise DataeffError(f"{where(path)}: unknown config key '{path}'{hint}")
         kwargs[key] = _coerce(value, hints[key], path, where)
     try:

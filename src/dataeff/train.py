@@ -256,6 +256,8 @@ def _train(cfg: RunConfig, run_dir: Path, info: dist.DistInfo) -> dict[str, Any]
 
     # Seed dropout from the data seed; a checkpoint's saved RNG state replaces this on resume.
     torch.manual_seed(t.data_seed + 1_000_003 * info.rank)
+    # Peak rates come from the config: a checkpoint's param groups hold the scheduled rate of its step.
+    base_lrs = [[g["lr"] for g in opt.param_groups] for opt in optimizers]
     start_step = 0
     found = ckpt.list_checkpoints(ckpt_dir)
     if found:
@@ -268,7 +270,6 @@ def _train(cfg: RunConfig, run_dir: Path, info: dist.DistInfo) -> dict[str, Any]
         fwd_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if t.compile:
         fwd_model = torch.compile(fwd_model)  # type: ignore[assignment]
-    base_lrs = [[g["lr"] for g in opt.param_groups] for opt in optimizers]
 
     def evaluate_val(max_tokens: int | None) -> dict[str, float]:
         result = evaluate(model, val_split.tokens, n_bytes=val_split.n_bytes, n_words=val_split.n_words,
@@ -323,9 +324,8 @@ def _train(cfg: RunConfig, run_dir: Path, info: dist.DistInfo) -> dict[str, Any]
                        "tokens": done_steps * tokens_per_step, "lr": cfg.optim.lr * mult, "train_loss": mean_loss,
                        "grad_norm": float(grad_norm), "tok_s": tok_s, "flops": flops * done_steps * tokens_per_step})
             bar.set_postfix(loss=f"{mean_loss:.3f}", tok_s=f"{tok_s:,.0f}")
-        if done_steps % plan.eval_every == 0 and done_steps < plan.total_steps:
-            if info.is_main:
-                log.write({"step": done_steps, **evaluate_val(t.eval_tokens)})
+        if done_steps % plan.eval_every == 0 and done_steps < plan.total_steps and info.is_main:
+            log.write({"step": done_steps, **evaluate_val(t.eval_tokens)})
         if done_steps % plan.checkpoint_every == 0 and done_steps < plan.total_steps:
             if info.is_main:
                 ckpt.save_checkpoint(ckpt.checkpoint_path(ckpt_dir, done_steps), model, optimizers, done_steps)

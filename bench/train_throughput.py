@@ -1,0 +1,166 @@
+"""Training throughput: dataeff's trainer vs a plain fp32 PyTorch loop vs HF LlamaForCausalLM, same shape.
+
+All three train the same ~10M-parameter Llama shape with AdamW on the same batches in one process, one after
+another, so they share the machine's state. Prints tokens/s for each, the ratios, MFU against the bf16 matmul
+peak measured in the same run, and the loss curves side by side (speed must not cost quality). The last line is
+one JSON object: dataeff_tok_s, reference_tok_s, hf_tok_s, mfu, params.
+
+    python bench/train_throughput.py            # ~10M parameters, a few minutes
+    python bench/train_throughput.py --quick    # under a minute
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dataeff.config import from_dict
+from dataeff.fsutil import read_jsonl
+from dataeff.model import ModelConfig, Transformer, count_parameters, flops_per_token
+from dataeff.order import EpochOrder
+from dataeff.tokens import prepare
+from dataeff.train import OptimConfig, RunConfig, lr_multiplier, train
+
+
+def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 10) -> float:
+    """FLOP/s of a large square matmul: the ceiling MFU is measured against."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    start = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    return 2 * n**3 * reps / (time.perf_counter() - start)
+
+
+def write_corpus(path: Path, n_docs: int, seed: int = 0) -> None:
+    """A synthetic corpus with Zipfian words, so the bench needs no data directory."""
+    rng = np.random.default_rng(seed)
+    words = [f"w{i}" for i in range(3000)]
+    p = 1.0 / np.arange(1, len(words) + 1)
+    p /= p.sum()
+    docs = [" ".join(rng.choice(words, size=rng.integers(100, 400), p=p)) for _ in range(n_docs)]
+    path.write_text("\n\n".join(docs), encoding="utf-8")
+
+
+def run_dataeff(cfg: RunConfig, warmup: int) -> tuple[float, list[float]]:
+    train(cfg)
+    rows = [r for r in read_jsonl(Path(cfg.run_dir) / "metrics.jsonl") if "train_loss" in r]  # type: ignore[arg-type]
+    losses = [r["train_loss"] for r in rows]
+    timed = rows[warmup:]
+    return float(np.mean([r["tok_s"] for r in timed])), losses
+
+
+def run_plain(model: torch.nn.Module, batches: list[torch.Tensor], warmup: int, schedule: OptimConfig, *, hf: bool,
+              bf16: bool) -> tuple[float, list[float]]:
+    """A nanoGPT-style loop: forward, backward, clip, AdamW step; timed after ``warmup`` steps."""
+    lr = schedule.lr
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1, fused=bf16)
+    losses, start = [], 0.0
+    tokens = 0
+    for i, batch in enumerate(batches):
+        if i == warmup:
+            start, tokens = time.perf_counter(), 0
+        x, y = batch[:, :-1], batch[:, 1:]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = model(input_ids=x, labels=batch).loss if hf else model(x, y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        for g in opt.param_groups:
+            g["lr"] = lr * lr_multiplier(i, len(batches), schedule)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(float(loss))
+        tokens += x.numel()
+    return tokens / (time.perf_counter() - start), losses
+
+
+def hf_model(cfg: ModelConfig, ours: Transformer) -> torch.nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    c = cfg.resolved()
+    hf_cfg = LlamaConfig(
+        vocab_size=c.vocab_size, hidden_size=c.d_model, intermediate_size=c.d_ff, num_hidden_layers=c.n_layers,
+        num_attention_heads=c.n_heads, num_key_value_heads=c.n_kv_heads, max_position_embeddings=c.seq_len,
+        rms_norm_eps=c.norm_eps, tie_word_embeddings=c.tie_embeddings, attn_implementation="sdpa",
+    )
+    model = LlamaForCausalLM(hf_cfg)
+    # Same initial weights as ours: HF's own init differs, and the loss curves are compared.
+    with torch.no_grad():
+        model.model.embed_tokens.weight.copy_(ours.embed.weight)
+        for blk, layer in zip(ours.blocks, model.model.layers, strict=True):
+            q, k, v = blk.attn.wqkv.weight.split([c.d_model, c.n_kv_heads * c.head_dim, c.n_kv_heads * c.head_dim])
+            layer.self_attn.q_proj.weight.copy_(q)
+            layer.self_attn.k_proj.weight.copy_(k)
+            layer.self_attn.v_proj.weight.copy_(v)
+            layer.self_attn.o_proj.weight.copy_(blk.attn.wo.weight)
+            gate, up = blk.mlp.w13.weight.split(c.d_ff)
+            layer.mlp.gate_proj.weight.copy_(gate)
+            layer.mlp.up_proj.weight.copy_(up)
+            layer.mlp.down_proj.weight.copy_(blk.mlp.w2.weight)
+    return model
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="fewer, smaller steps: under a minute")
+    parser.add_argument("--preset", default="10m")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    steps, warmup, batch_tokens, seq_len = (6, 2, 4096, 256) if args.quick else (24, 4, 8192, 256)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp_path = Path(tmp)
+        write_corpus(tmp_path / "corpus.txt", n_docs=1500)
+        base = {
+            "data": {"corpus": str(tmp_path / "corpus.txt"), "val_docs": 20, "cache_dir": str(tmp_path / "cache")},
+            "tokenizer": {"kind": "bpe", "vocab_size": 4096},
+            "model": {"preset": args.preset, "seq_len": seq_len},
+            "optim": {"lr": 1e-3, "warmup": 0.01},
+            "train": {"batch_tokens": batch_tokens, "log_every": 1, "eval_every": 10**9, "final_eval_tokens": seq_len,
+                      "progress": False, "threads": args.threads},
+        }
+        prepared = prepare(from_dict(RunConfig, base).data, from_dict(RunConfig, base).tokenizer, progress=False)
+        split = prepared.split("train")
+        order = EpochOrder(split.tokens, split.doc_offsets, seq_len, seed=0)
+        epochs = steps * batch_tokens / seq_len / order.n
+        cfg = from_dict(RunConfig, {**base, "run_dir": str(tmp_path / "run"), "train": {**base["train"], "epochs": epochs}})
+        model_cfg = ModelConfig(preset=args.preset, seq_len=seq_len, vocab_size=prepared.tokenizer.vocab_size)
+        seqs = batch_tokens // seq_len
+        batches = [torch.from_numpy(order.samples(i * seqs, seqs)) for i in range(steps)]
+        params = count_parameters(model_cfg)
+
+        peak = matmul_peak(torch.bfloat16)
+        ours_tok_s, ours_loss = run_dataeff(cfg, warmup)
+        ref_tok_s, ref_loss = run_plain(Transformer(model_cfg), batches, warmup, cfg.optim, hf=False, bf16=False)
+        hf_tok_s, hf_loss = run_plain(hf_model(model_cfg, Transformer(model_cfg)), batches, warmup, cfg.optim, hf=True, bf16=True)
+
+    mfu = ours_tok_s * flops_per_token(model_cfg) / peak
+    print(f"model: preset {args.preset}, {params['total'] / 1e6:.2f}M parameters ({params['non_embedding'] / 1e6:.2f}M non-embedding), "
+          f"seq {seq_len}, batch {batch_tokens} tokens, {steps} steps ({warmup} warmup), {torch.get_num_threads()} threads")
+    print(f"bf16 matmul peak: {peak / 1e9:.0f} GFLOP/s")
+    print(f"{'':24}{'tok/s':>10}{'vs fp32 ref':>14}{'vs HF':>10}")
+    for name, v in (("dataeff (defaults)", ours_tok_s), ("fp32 reference", ref_tok_s), ("HF Llama bf16+SDPA", hf_tok_s)):
+        print(f"{name:24}{v:>10,.0f}{v / ref_tok_s:>13.2f}x{v / hf_tok_s:>9.2f}x")
+    print(f"MFU (dataeff): {mfu:.2f}")
+    print("train loss by step (dataeff | fp32 ref | HF):")
+    for i, (a, b, c) in enumerate(zip(ours_loss, ref_loss, hf_loss, strict=False)):
+        print(f"  {i + 1:3d}  {a:.4f}  {b:.4f}  {c:.4f}")
+    gap = max(abs(a - b) for a, b in zip(ours_loss, ref_loss, strict=False))
+    print(f"max |dataeff - fp32 reference| train-loss gap: {gap:.4f}")
+    print(json.dumps({"dataeff_tok_s": round(ours_tok_s, 1), "reference_tok_s": round(ref_tok_s, 1),
+                      "hf_tok_s": round(hf_tok_s, 1), "mfu": round(mfu, 4), "params": params["total"],
+                      "loss_gap": round(gap, 4) if math.isfinite(gap) else None}))
+
+
+if __name__ == "__main__":
+    main()
