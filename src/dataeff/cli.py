@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from dataeff import __version__
-from dataeff.config import help_text, load
+from dataeff.config import help_text, load, option
 from dataeff.errors import DataeffError
 
 
@@ -20,6 +20,8 @@ class Command:
     summary: str
     config: Callable[[], type]
     action: Callable[[Any], Any]
+    # A bare argument that is not a YAML file sets this field (``dataeff eval runs/abc``).
+    positional: str | None = None
 
 
 def _prepare(cfg: Any) -> None:
@@ -43,6 +45,36 @@ def _eval(cfg: Any) -> None:
     print(json.dumps(run_eval(cfg), indent=2))
 
 
+def _pipeline(cfg: Any) -> None:
+    from dataeff.pipeline import run_pipeline
+
+    results = run_pipeline(cfg)
+    print("\n".join(results["verdict"]))
+    print(f"report: {cfg.root}/report/report.html")
+
+
+def _report(cfg: Any) -> None:
+    from dataeff.report import write_report
+
+    paths = write_report(cfg.root)
+    print("\n".join(str(p) for p in paths.values()))
+
+
+@dataclass
+class ReportConfig:
+    root: str = option("", "the pipeline root holding results.json (required)")
+
+
+def _pipeline_config() -> type:
+    from dataeff.pipeline import PipelineConfig
+
+    return PipelineConfig
+
+
+def _report_config() -> type:
+    return ReportConfig
+
+
 def _run_config() -> type:
     from dataeff.train import RunConfig
 
@@ -58,18 +90,29 @@ def _eval_config() -> type:
 COMMANDS = [
     Command("prepare", "tokenize a corpus into a content-addressed token store", _run_config, _prepare),
     Command("train", "train a model on a fixed token budget (resumes if interrupted)", _run_config, _train),
-    Command("eval", "held-out loss, bits per byte and word perplexity of a trained run", _eval_config, _eval),
+    Command("eval", "held-out loss, bits per byte and word perplexity of a trained run", _eval_config, _eval, "run_dir"),
+    Command("run", "run a pipeline: tune every recipe and size, fit scaling laws, write the report", _pipeline_config, _pipeline),
+    Command("report", "write report.md and report.html for a pipeline root", _report_config, _report, "root"),
 ]
 
 
-def _split_args(items: list[str]) -> tuple[str | None, list[str]]:
-    configs = [a for a in items if "=" not in a]
+def _split_args(items: list[str], positional: str | None = None) -> tuple[str | None, list[str]]:
+    overrides = [a for a in items if "=" in a]
+    configs = []
+    for a in items:
+        if "=" in a:
+            continue
+        if positional and not a.endswith((".yaml", ".yml")):
+            overrides.append(f"{positional}={a}")
+        else:
+            configs.append(a)
     if len(configs) > 1:
         raise DataeffError(f"expected at most one config file, got {configs}; overrides are written key=value")
-    return (configs[0] if configs else None), [a for a in items if "=" in a]
+    return (configs[0] if configs else None), overrides
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser; only ``command``'s field list is built, since that imports its (heavy) module."""
     parser = argparse.ArgumentParser(prog="dataeff", description="Data-efficient language-model pretraining.")
     parser.add_argument("--version", action="version", version=f"dataeff {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -77,8 +120,10 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(
             cmd.name,
             help=cmd.summary,
-            description=f"{cmd.summary}.\n\nUsage: dataeff {cmd.name} [CONFIG.yaml] [key=value ...]",
-            epilog="config fields (set in the YAML file or as dotted key=value overrides):\n" + help_text(cmd.config()),
+            description=f"{cmd.summary}.\n\nUsage: dataeff {cmd.name} "
+            + (f"[{cmd.positional.upper()}] " if cmd.positional else "") + "[CONFIG.yaml] [key=value ...]",
+            epilog="config fields (set in the YAML file or as dotted key=value overrides):\n" + help_text(cmd.config())
+            if cmd.name == command else None,
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
         p.add_argument("args", nargs="*", metavar="CONFIG.yaml | key=value", help="a YAML config and/or overrides")
@@ -86,11 +131,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(next((a for a in argv if not a.startswith("-")), None))
     ns = parser.parse_args(argv)
     cmd = next(c for c in COMMANDS if c.name == ns.command)
     try:
-        path, overrides = _split_args(ns.args)
+        path, overrides = _split_args(ns.args, cmd.positional)
         cfg = load(cmd.config(), path, overrides)
         cmd.action(cfg)
     except DataeffError as e:
