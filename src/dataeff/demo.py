@@ -1,39 +1,38 @@
-"""``make demo``: prepare → train → eval on the TinyStories sample, then the held-out loss against the data's
-unigram entropy (the loss of a model that ignores context)."""
+"""``make demo``: the compute-for-data pipeline on the TinyStories demo world, then its headline figures."""
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
 from dataeff.config import load
 from dataeff.errors import DataeffError
-from dataeff.evaluate_run import EvalConfig, run_eval
+from dataeff.pipeline import PipelineConfig, run_pipeline
 from dataeff.tokens import prepare
-from dataeff.train import RunConfig, train
 
-CONFIG = Path(__file__).resolve().parents[2] / "configs" / "tinystories_core.yaml"
+CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo_pipeline.yaml"
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
-        cfg = load(RunConfig, CONFIG, argv)
-        print(f"[1/3] prepare: {cfg.data.corpus}, {cfg.data.train_tokens:,} training tokens")
-        prepared = prepare(cfg.data, cfg.tokenizer)
-        print(f"      token store: {prepared.path}")
-        print(f"[2/3] train: {cfg.model.preset} model, {cfg.train.epochs:g} epochs, weight decay {cfg.optim.weight_decay}")
-        result = train(cfg)
-        print(f"[3/3] eval: {cfg.run_dir}")
-        scores = run_eval(EvalConfig(run_dir=str(cfg.run_dir)))
+        cfg = load(PipelineConfig, CONFIG, argv)
+        results = run_pipeline(cfg)
+        entropy = prepare(cfg.base.data, cfg.base.tokenizer, progress=False).meta["unigram_entropy"]
     except DataeffError as e:
         print(f"dataeff: error: {e}", file=sys.stderr)
         return 1
-    entropy = prepared.meta["unigram_entropy"]
-    print(json.dumps(scores, indent=2))
-    print(f"held-out loss {scores['loss']:.3f} nats/token ({scores['bpb']:.3f} bits/byte) vs unigram entropy "
-          f"{entropy:.3f} nats/token; final train loss {result['train_loss']:.3f}")
+    best = min(r["best_loss"] for r in results["tuned"] if r["budget"] == results["world_tokens"])
+    print(f"\nworld: {results['world_tokens']:,} TinyStories tokens; best held-out loss {best:.3f} nats/token "
+          f"vs unigram entropy {entropy:.3f}")
+    for line in results["verdict"]:
+        print(line)
+    for label, m in results["multipliers"].items():
+        pl = m.get("power_law")
+        if pl is not None:
+            lo, hi = m.get("power_law_ci", [float("nan")] * 2)
+            print(f"data efficiency of {label}: {pl:.2f}x [{lo:.2f}, {hi:.2f}] (power law)")
+    print(f"report: {Path(cfg.root) / 'report' / 'report.html'}")
     return 0
 
 

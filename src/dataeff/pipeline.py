@@ -51,7 +51,11 @@ class FitConfig:
     n_boot: int = option(1000, "bootstrap replicates for every interval")
     ci: float = option(0.95, "confidence level of the intervals")
     seed: int = option(0, "bootstrap seed")
-    method: Literal["auto", "pairs", "residual"] = option("auto", "bootstrap: resample runs (pairs) or log residuals; auto picks by point count")
+    method: Literal["auto", "pairs", "residual", "parametric"] = option(
+        "auto", "bootstrap: resample runs (pairs), log residuals, or draw seed noise (parametric); auto picks by "
+        "point count, and uses seed noise when there are several seeds")
+    sigma: float | None = option(None, "seed-to-seed noise of log loss for the parametric bootstrap (default: "
+                                       "measured from the seeds when there are several)")
     params: Literal["total", "non_embedding"] = option("total", "which parameter count is the N of L(N)")
 
 
@@ -141,7 +145,7 @@ def _evaluate(cfg: PipelineConfig, jobs: dict[str, Any], task: Task, values: dic
         else:
             errors.append(job.error or job.status)
     loss = float(np.mean(losses)) if losses and not errors and all(map(math.isfinite, losses)) else math.inf
-    return Evaluation(values=values, loss=loss, run_dir=run_dirs[0], error="; ".join(errors) or None)
+    return Evaluation(values=values, loss=loss, run_dir=run_dirs[0], error="; ".join(errors) or None, seed_losses=losses)
 
 
 def _job_key(cfg: PipelineConfig, task: Task, values: dict[str, Any], seed: int) -> str:
@@ -208,22 +212,41 @@ def _params(cfg: PipelineConfig, size: str, vocab: int) -> int:
     return counts["total"] if cfg.fit.params == "total" else counts["non_embedding"]
 
 
-def _fit_with_intervals(x: list[float], y: list[float], f: FitConfig) -> tuple[dict[str, Any], scaling.BootstrapResult | None]:
+def _fit_with_intervals(x: list[float], y: list[float], f: FitConfig, sigma: float | None) -> tuple[dict[str, Any], scaling.BootstrapResult | None]:
     """A fit with bootstrap intervals, or the reason it was refused (too few points)."""
+    method = None if f.method == "auto" else f.method
+    use_sigma = sigma if method in (None, "parametric") else None
     try:
-        boot = scaling.bootstrap_fit(x, y, n_boot=f.n_boot, seed=f.seed, ci=f.ci, method=None if f.method == "auto" else f.method)
+        boot = scaling.bootstrap_fit(x, y, n_boot=f.n_boot, seed=f.seed, ci=f.ci, method=method, sigma=use_sigma)
     except DataeffError as e:
         return {"refused": str(e), "x": x, "y": y}, None
     out: dict[str, Any] = {
         "x": x, "y": y, **boot.fit.to_dict(), "E_ci": list(boot.E_interval), "A_ci": list(boot.A_interval),
         "alpha_ci": list(boot.alpha_interval), "method": boot.method, "n_boot": boot.n_boot, "n_skipped": boot.n_skipped,
-        "summary": scaling.fit_summary(boot),
+        "summary": scaling.fit_summary(boot), "sigma": use_sigma,
         # Kept so the report can draw interval bands around the fitted curve.
         "replicates": {"E": boot.E.tolist(), "A": boot.A.tolist(), "alpha": boot.alpha.tolist()},
     }
     if len(set(x)) >= 4:
         out["leave_largest_out"] = scaling.leave_largest_out(x, y)
     return out, boot
+
+
+def seed_sigma(tasks: list[Task]) -> float | None:
+    """The noise of a tuned point's mean log loss, pooled over every tuned optimum that has several seeds."""
+    deviations, dof, n_seeds = 0.0, 0, 0
+    for t in tasks:
+        assert t.result is not None
+        best = next((e for e in t.result.evaluations if e.values == t.result.best), None)
+        if best is None or len(best.seed_losses) < 2:
+            continue
+        logs = np.log(best.seed_losses)
+        deviations += float(((logs - logs.mean()) ** 2).sum())
+        dof += len(logs) - 1
+        n_seeds = len(logs)
+    if dof == 0 or deviations == 0:
+        return None
+    return math.sqrt(deviations / dof) / math.sqrt(n_seeds)
 
 
 def analyse(cfg: PipelineConfig, tasks: list[Task], overfit: list[dict[str, Any]], vocab: int) -> dict[str, Any]:
@@ -238,11 +261,12 @@ def analyse(cfg: PipelineConfig, tasks: list[Task], overfit: list[dict[str, Any]
                       **t.result.to_dict()})
     at_world = {(r["recipe"], r["size"]): r for r in tuned if r["budget"] == world}
 
+    sigma = cfg.fit.sigma or seed_sigma(tasks)
     fits: dict[str, Any] = {}
     boots: dict[str, scaling.BootstrapResult] = {}
     for r in recipes:
         pts = [(params[s], at_world[(r.name, s)]["best_loss"]) for s in cfg.sizes if math.isfinite(at_world[(r.name, s)]["best_loss"])]
-        fits[r.name], boot = _fit_with_intervals([p for p, _ in pts], [loss for _, loss in pts], cfg.fit)
+        fits[r.name], boot = _fit_with_intervals([p for p, _ in pts], [loss for _, loss in pts], cfg.fit, sigma)
         if boot is not None:
             boots[r.name] = boot
 
@@ -259,7 +283,7 @@ def analyse(cfg: PipelineConfig, tasks: list[Task], overfit: list[dict[str, Any]
         for b in budgets:
             losses = [r["best_loss"] for r in tuned if r["recipe"] == ds.recipe and r["budget"] == b and (not ds.sizes or r["size"] in ds.sizes)]
             best_by_budget.append(min(losses))
-        data_scaling, boot_d = _fit_with_intervals([float(b) for b in budgets], best_by_budget, cfg.fit)
+        data_scaling, boot_d = _fit_with_intervals([float(b) for b in budgets], best_by_budget, cfg.fit, sigma)
         data_scaling["budgets"], data_scaling["best_loss"] = budgets, best_by_budget
         targets = {f"{name} asymptote": fits[name].get("E") for name in fits if "E" in fits[name]}
         targets.update({f"{r.name} best": min(at_world[(r.name, s)]["best_loss"] for s in cfg.sizes) for r in recipes})
@@ -283,8 +307,11 @@ def analyse(cfg: PipelineConfig, tasks: list[Task], overfit: list[dict[str, Any]
                     reps = np.array([scaling.multiplier_power_law(e_reps[i], d_fits[i], world) for i in range(n)], dtype=float)
                 else:
                     reps = np.array([scaling.multiplier_power_law(loss, f, world) for f in boot_d.fits()], dtype=float)
-                lo, hi = np.nanpercentile(np.where(np.isfinite(reps), reps, np.inf), [100 * (1 - cfg.fit.ci) / 2, 100 * (1 + cfg.fit.ci) / 2])
-                entry["power_law_ci"] = [float(lo), float(hi)]
+                # Replicates whose loss lies below the D-law's asymptote are infinite multipliers: order
+                # statistics keep them (as +inf) where interpolating percentiles would turn them into nan.
+                reps = np.sort(np.where(np.isnan(reps), np.inf, reps))
+                q = [(1 - cfg.fit.ci) / 2, (1 + cfg.fit.ci) / 2]
+                entry["power_law_ci"] = [float(reps[round(p * (len(reps) - 1))]) for p in q]
             multipliers[label] = entry
 
     verdict = _verdict(recipes, fits, standard_best, cfg.fit.ci)
@@ -292,7 +319,7 @@ def analyse(cfg: PipelineConfig, tasks: list[Task], overfit: list[dict[str, Any]
         "name": cfg.name, "world_tokens": world, "sizes": cfg.sizes, "params": params, "recipes": [to_dict(r) for r in recipes],
         "config": to_dict(cfg), "tuned": tuned, "fits": fits, "standard_best": standard_best,
         "baseline_recipe": baseline_name, "data_scaling": data_scaling, "multipliers": multipliers,
-        "overfitting": overfit, "verdict": verdict,
+        "overfitting": overfit, "verdict": verdict, "seed_sigma": sigma,
     }
 
 

@@ -47,9 +47,10 @@ def builtin_recipes() -> list[RecipeConfig]:
 @dataclass
 class Evaluation:
     values: dict[str, Any]
-    loss: float  # inf for a failed (e.g. diverged) run
+    loss: float  # inf for a failed (e.g. diverged) run; the mean over seeds
     run_dir: str | None = None
     error: str | None = None
+    seed_losses: list[float] = field(default_factory=list)
 
 
 @dataclass
@@ -129,7 +130,7 @@ class Tuner:
             for step in (-1, 1):
                 j = point[i] + step
                 if 0 <= j < len(self.axes[i]):
-                    out.append(point[:i] + (j,) + point[i + 1 :])
+                    out.append((*point[:i], j, *point[i + 1:]))
         return out
 
     def _grow(self, point: Point) -> Point:
