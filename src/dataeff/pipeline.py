@@ -67,6 +67,8 @@ class PipelineConfig:
     sizes: list[str] = option(["micro", "mini", "small"], "model presets, smallest first")
     recipes: list[RecipeConfig] = option([], "recipes to tune (default: the paper's standard and regularized)")
     seeds: list[int] = option([0], "seeds per grid point (init and data order); their mean loss is what is tuned")
+    confirm_seeds: list[int] = option([], "extra seeds on which every tuned optimum is trained again: its loss "
+                                          "becomes the mean over all seeds, and their spread sets the fit intervals")
     max_extensions: int = option(2, "how far a ladder may grow past its end when the optimum sits on it")
     data_scaling: DataScalingConfig = section(DataScalingConfig, "data-scaling baseline for the multipliers")
     overfitting: OverfittingConfig = section(OverfittingConfig, "the loss-vs-epochs-per-weight-decay figure")
@@ -177,6 +179,7 @@ def run_pipeline(cfg: PipelineConfig, *, progress: bool = True) -> dict[str, Any
         jobs = {run_hash(r.config): r for r in results}
         for t in active:
             t.feed([_evaluate(cfg, jobs, t, values) for values in t.pending or []])
+    _confirm(cfg, tasks, root, progress)
     overfit = _overfitting_runs(cfg, tasks, root, progress)
     results_doc = analyse(cfg, tasks, overfit, stores[0].tokenizer.vocab_size)
     results_doc["seconds"] = time.time() - started
@@ -185,6 +188,34 @@ def run_pipeline(cfg: PipelineConfig, *, progress: bool = True) -> dict[str, Any
 
     write_report(root)
     return results_doc
+
+
+def _confirm(cfg: PipelineConfig, tasks: list[Task], root: Path, progress: bool) -> None:
+    """Retrain each tuned optimum on the confirmation seeds: an unbiased loss (the tuning picked a minimum of
+    noisy values) and a measured seed-to-seed noise for the fits' intervals."""
+    seeds = [s for s in cfg.confirm_seeds if s not in cfg.seeds]
+    if not seeds:
+        return
+    configs = {}
+    for t in tasks:
+        assert t.result is not None
+        if math.isfinite(t.result.best_loss):
+            for seed in seeds:
+                rc = run_config(cfg, t.size, t.budget, t.result.best, seed, f"recipe {t.recipe.name}")
+                configs[run_hash(rc)] = rc
+    if progress:
+        print(f"[dataeff run] confirming {len(tasks)} optima on seeds {seeds}: {len(configs)} runs", flush=True)
+    jobs = {run_hash(r.config): r for r in run_jobs(list(configs.values()), cfg.executor, root / "runs", progress=progress)}
+    for t in tasks:
+        assert t.result is not None
+        best = next((e for e in t.result.evaluations if e.values == t.result.best), None)
+        if best is None or not math.isfinite(best.loss):
+            continue
+        for seed in seeds:
+            job = jobs[run_hash(run_config(cfg, t.size, t.budget, t.result.best, seed, "confirm"))]
+            if job.result is not None:
+                best.seed_losses.append(float(job.result["val_loss"]))
+        best.loss = t.result.best_loss = float(np.mean(best.seed_losses))
 
 
 def _overfitting_runs(cfg: PipelineConfig, tasks: list[Task], root: Path, progress: bool) -> list[dict[str, Any]]:
