@@ -18,6 +18,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from dataeff.config import option
 from dataeff.errors import DataeffError
 
+_CPU_KERNELS = [SDPBackend.MATH]
 _ALL_KERNELS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.MATH]
 
 # name -> (d_model, n_layers, n_heads). Non-embedding parameters are ~12·d²·L; the vocabulary adds the rest.
@@ -160,6 +161,8 @@ class Attention(nn.Module):
         v = v.view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
+        # The tables are fp32; under bf16 autocast they would silently promote q and k (and attention) to fp32.
+        cos, sin = cos.to(q.dtype), sin.to(q.dtype)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         causal = True
         if cache is not None:
@@ -168,7 +171,7 @@ class Attention(nn.Module):
         dropout = self.dropout if self.training else 0.0
         gqa = self.n_kv_heads != self.n_heads
         # On CPUs the plain (math) kernel beats the flash kernel, whose backward is slow at these lengths.
-        kernels = [SDPBackend.MATH] if x.device.type == "cpu" else _ALL_KERNELS
+        kernels = _CPU_KERNELS if x.device.type == "cpu" else _ALL_KERNELS
         with sdpa_kernel(kernels):
             if causal and k.shape[2] != t:
                 # Prefill after earlier tokens: causal within the new block, full view of the cached prefix.
