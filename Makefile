@@ -9,7 +9,7 @@ export DATAEFF_DATA_DIR ?= $(abspath ../shared/data)
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet -e '.[dev,ray]'
+	$(BIN)/pip install --quiet -e '.[dev,ray,eval]'
 	touch $@
 
 install: $(VENV)/.installed

@@ -87,12 +87,40 @@ def _eval_config() -> type:
     return EvalConfig
 
 
+def _runs(cfg: Any) -> None:
+    from dataeff.runstore import runs_command
+
+    print(runs_command(cfg))
+
+
+def _runs_config() -> type:
+    from dataeff.runstore import RunsConfig
+
+    return RunsConfig
+
+
+def _tasks(cfg: Any) -> None:
+    from dataeff.tasks import run_tasks
+
+    print(json.dumps(run_tasks(cfg), indent=2))
+
+
+def _tasks_config() -> type:
+    from dataeff.tasks import TasksConfig
+
+    return TasksConfig
+
+
 COMMANDS = [
     Command("prepare", "tokenize a corpus into a content-addressed token store", _run_config, _prepare),
     Command("train", "train a model on a fixed token budget (resumes if interrupted)", _run_config, _train),
     Command("eval", "held-out loss, bits per byte and word perplexity of a trained run", _eval_config, _eval, "run_dir"),
     Command("run", "run a pipeline: tune every recipe and size, fit scaling laws, write the report", _pipeline_config, _pipeline),
     Command("report", "write report.md and report.html for a pipeline root", _report_config, _report, "root"),
+    Command("runs", "list, filter, sort and export the runs under a directory (indexed in ROOT/runs.sqlite)",
+            _runs_config, _runs, "root"),
+    Command("tasks", "downstream accuracy (ARC, PIQA, HellaSwag, BLiMP, LAMBADA) of a run or an ensemble",
+            _tasks_config, _tasks, "run_dir"),
 ]
 
 
