@@ -14,12 +14,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from dataeff.config import from_dict
 from dataeff.fsutil import read_jsonl
@@ -70,14 +72,18 @@ def run_plain(model: torch.nn.Module, batches: list[torch.Tensor], warmup: int, 
             start, tokens = time.perf_counter(), 0
         x, y = batch[:, :-1], batch[:, 1:]
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            loss = model(input_ids=x, labels=batch).loss if hf else model(x, y)
+            if hf:
+                logits = model(input_ids=x).logits
+                loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), y.reshape(-1))
+            else:
+                loss = model(x, y)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         for g in opt.param_groups:
             g["lr"] = lr * lr_multiplier(i, len(batches), schedule)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         tokens += x.numel()
     return tokens / (time.perf_counter() - start), losses
 
@@ -123,7 +129,7 @@ def main() -> None:
         write_corpus(tmp_path / "corpus.txt", n_docs=1500)
         base = {
             "data": {"corpus": str(tmp_path / "corpus.txt"), "val_docs": 20, "cache_dir": str(tmp_path / "cache")},
-            "tokenizer": {"kind": "bpe", "vocab_size": 4096},
+            "tokenizer": {"kind": "bpe", "vocab_size": 2048},
             "model": {"preset": args.preset, "seq_len": seq_len},
             "optim": {"lr": 1e-3, "warmup": 0.01},
             "train": {"batch_tokens": batch_tokens, "log_every": 1, "eval_every": 10**9, "final_eval_tokens": seq_len,
@@ -134,6 +140,8 @@ def main() -> None:
         order = EpochOrder(split.tokens, split.doc_offsets, seq_len, seed=0)
         epochs = steps * batch_tokens / seq_len / order.n
         cfg = from_dict(RunConfig, {**base, "run_dir": str(tmp_path / "run"), "train": {**base["train"], "epochs": epochs}})
+        compiled = from_dict(RunConfig, {**base, "run_dir": str(tmp_path / "run-compiled"),
+                                         "train": {**base["train"], "epochs": epochs, "compile": True}})
         model_cfg = ModelConfig(preset=args.preset, seq_len=seq_len, vocab_size=prepared.tokenizer.vocab_size)
         seqs = batch_tokens // seq_len
         batches = [torch.from_numpy(order.samples(i * seqs, seqs)) for i in range(steps)]
@@ -141,6 +149,9 @@ def main() -> None:
 
         peak = matmul_peak(torch.bfloat16)
         ours_tok_s, ours_loss = run_dataeff(cfg, warmup)
+        compile_start = time.perf_counter()
+        compiled_tok_s, _ = run_dataeff(compiled, warmup)
+        compile_wall = time.perf_counter() - compile_start
         ref_tok_s, ref_loss = run_plain(Transformer(model_cfg), batches, warmup, cfg.optim, hf=False, bf16=False)
         hf_tok_s, hf_loss = run_plain(hf_model(model_cfg, Transformer(model_cfg)), batches, warmup, cfg.optim, hf=True, bf16=True)
 
@@ -149,16 +160,20 @@ def main() -> None:
           f"seq {seq_len}, batch {batch_tokens} tokens, {steps} steps ({warmup} warmup), {torch.get_num_threads()} threads")
     print(f"bf16 matmul peak: {peak / 1e9:.0f} GFLOP/s")
     print(f"{'':24}{'tok/s':>10}{'vs fp32 ref':>14}{'vs HF':>10}")
-    for name, v in (("dataeff (defaults)", ours_tok_s), ("fp32 reference", ref_tok_s), ("HF Llama bf16+SDPA", hf_tok_s)):
+    rows = (("dataeff (defaults)", ours_tok_s), ("dataeff (compile=true)", compiled_tok_s),
+            ("fp32 reference", ref_tok_s), ("HF Llama bf16+SDPA", hf_tok_s))
+    for name, v in rows:
         print(f"{name:24}{v:>10,.0f}{v / ref_tok_s:>13.2f}x{v / hf_tok_s:>9.2f}x")
-    print(f"MFU (dataeff): {mfu:.2f}")
+    print(f"MFU (dataeff defaults): {mfu:.2f}; with compile: {compiled_tok_s * flops_per_token(model_cfg) / peak:.2f} "
+          f"(the compiled run's wall time incl. compilation: {compile_wall:.0f} s)")
+    print(f"load average during the run: {os.getloadavg()[0]:.2f} (other processes skew all rows alike)")
     print("train loss by step (dataeff | fp32 ref | HF):")
     for i, (a, b, c) in enumerate(zip(ours_loss, ref_loss, hf_loss, strict=False)):
         print(f"  {i + 1:3d}  {a:.4f}  {b:.4f}  {c:.4f}")
     gap = max(abs(a - b) for a, b in zip(ours_loss, ref_loss, strict=False))
     print(f"max |dataeff - fp32 reference| train-loss gap: {gap:.4f}")
     print(json.dumps({"dataeff_tok_s": round(ours_tok_s, 1), "reference_tok_s": round(ref_tok_s, 1),
-                      "hf_tok_s": round(hf_tok_s, 1), "mfu": round(mfu, 4), "params": params["total"],
+                      "hf_tok_s": round(hf_tok_s, 1), "dataeff_compile_tok_s": round(compiled_tok_s, 1), "mfu": round(mfu, 4), "params": params["total"],
                       "loss_gap": round(gap, 4) if math.isfinite(gap) else None}))
 
 
