@@ -13,13 +13,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from dataeff.config import option
 from dataeff.errors import DataeffError
-
-_CPU_KERNELS = [SDPBackend.MATH]
-_ALL_KERNELS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.MATH]
 
 # name -> (d_model, n_layers, n_heads). Non-embedding parameters are ~12·d²·L; the vocabulary adds the rest.
 PRESETS: dict[str, tuple[int, int, int]] = {
@@ -170,16 +166,13 @@ class Attention(nn.Module):
             causal = t > 1
         dropout = self.dropout if self.training else 0.0
         gqa = self.n_kv_heads != self.n_heads
-        # On CPUs the plain (math) kernel beats the flash kernel, whose backward is slow at these lengths.
-        kernels = _CPU_KERNELS if x.device.type == "cpu" else _ALL_KERNELS
-        with sdpa_kernel(kernels):
-            if causal and k.shape[2] != t:
-                # Prefill after earlier tokens: causal within the new block, full view of the cached prefix.
-                past = k.shape[2] - t
-                mask = torch.ones(t, k.shape[2], dtype=torch.bool, device=x.device).tril(diagonal=past)
-                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, enable_gqa=gqa)
-            else:
-                y = F.scaled_dot_product_attention(q, k, v, is_causal=causal, dropout_p=dropout, enable_gqa=gqa)
+        if causal and k.shape[2] != t:
+            # Prefill after earlier tokens: causal within the new block, full view of the cached prefix.
+            past = k.shape[2] - t
+            mask = torch.ones(t, k.shape[2], dtype=torch.bool, device=x.device).tril(diagonal=past)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, enable_gqa=gqa)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=causal, dropout_p=dropout, enable_gqa=gqa)
         return self.wo(y.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
 
 
