@@ -111,6 +111,23 @@ def _tasks_config() -> type:
     return TasksConfig
 
 
+def _sample(cfg: Any) -> None:
+    from dataeff.sample import sample
+
+    rows = sample(cfg)
+    if cfg.out:
+        print(f"{len(rows)} samples written to {cfg.out}")
+    else:
+        for row in rows:
+            print(json.dumps(row, ensure_ascii=False))
+
+
+def _sample_config() -> type:
+    from dataeff.sample import SampleConfig
+
+    return SampleConfig
+
+
 COMMANDS = [
     Command("prepare", "tokenize a corpus into a content-addressed token store", _run_config, _prepare),
     Command("train", "train a model on a fixed token budget (resumes if interrupted)", _run_config, _train),
@@ -121,6 +138,8 @@ COMMANDS = [
             _runs_config, _runs, "root"),
     Command("tasks", "downstream accuracy (ARC, PIQA, HellaSwag, BLiMP, LAMBADA) of a run or an ensemble",
             _tasks_config, _tasks, "run_dir"),
+    Command("sample", "generate text from a run or an ensemble (e.g. for sequence-level distillation)",
+            _sample_config, _sample, "run_dir"),
 ]
 
 

@@ -1,0 +1,261 @@
+"""Run many training jobs: a process pool on one machine, or Ray tasks on a cluster.
+
+A job is a pure function of its config and lives in ``<root>/<config hash>``, so the executor decides from
+the run directory alone what is left to do: DONE runs are skipped without starting a worker, FAILED ones
+are skipped unless asked to retry, and partial ones (a killed sweep) resume from their last checkpoint.
+A job that raises never takes the sweep down: it is written as a FAILED marker and reported.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import multiprocessing
+import os
+import time
+import traceback
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from tqdm.auto import tqdm
+
+from dataeff.config import dump_yaml, from_dict, option, read_yaml, to_dict
+from dataeff.errors import DataeffError
+from dataeff.rundir import FAILED, mark_failed, read_failure, read_result, status
+from dataeff.train import RunConfig, run_hash, run_identity, train
+
+
+@dataclass
+class ExecutorConfig:
+    backend: Literal["local", "ray"] = option("local", "local (a process pool on this machine) or ray")
+    workers: int = option(0, "jobs run at once (0: auto, one per thread group of the machine's cores)")
+    threads_per_worker: int = option(
+        0, "torch threads per job (0: auto: workers × threads = cores; a single job gets every core)"
+    )
+    retry_failed: bool = option(False, "train runs again whose directory holds a FAILED marker")
+    ray_address: str | None = option(
+        None, "ray: null starts a local Ray instance on this machine's cores; auto or host:port joins a cluster"
+    )
+    cpus_per_job: float = option(0, "ray: CPUs reserved per job (0: threads_per_worker)")
+    gpus_per_job: float = option(0, "GPUs per job; above 0 the jobs train on cuda")
+
+
+Outcome = tuple[Literal["done", "failed"], dict[str, Any] | None, str | None, float]
+
+
+@dataclass(frozen=True)
+class JobResult:
+    config: RunConfig
+    run_dir: Path
+    status: Literal["done", "skipped", "failed"]  # skipped: nothing ran (DONE already, or FAILED and not retried)
+    result: dict[str, Any] | None  # the DONE metrics
+    error: str | None  # one line: why it failed now or before
+    seconds: float
+
+
+def machine_cores() -> int:
+    # The affinity mask, not the machine, bounds what this process may use (containers, taskset).
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def layout(cfg: ExecutorConfig, n_jobs: int, cores: int) -> tuple[int, int]:
+    """(workers, threads per worker): by default the jobs share the cores evenly, one thread each when
+    there are at least as many jobs as cores, and never more workers than jobs. On Ray a job uses as many
+    threads as the CPUs it reserves."""
+    per_job = cfg.threads_per_worker or (int(cfg.cpus_per_job) if cfg.backend == "ray" else 0)
+    workers = cfg.workers or (max(1, cores // per_job) if per_job else cores)
+    workers = max(1, min(workers, n_jobs))
+    return workers, per_job or max(1, cores // workers)
+
+
+def _check(cfg: ExecutorConfig) -> None:
+    for name in ("workers", "threads_per_worker", "cpus_per_job", "gpus_per_job"):
+        if getattr(cfg, name) < 0:
+            raise DataeffError(f"executor.{name}={getattr(cfg, name)} must be 0 (auto) or positive")
+
+
+def _one_line(e: BaseException) -> str:
+    if isinstance(e, DataeffError):
+        return str(e)
+    first = next((line for line in str(e).splitlines() if line.strip()), "")
+    return f"{type(e).__name__}: {first}" if first else type(e).__name__
+
+
+def _owns(run_dir: Path, cfg: RunConfig) -> bool:
+    """Whether ``run_dir`` is this job's: a directory holding another config's run must not be marked."""
+    existing = run_dir / "config.yaml"
+    if not existing.exists():
+        return True
+    try:
+        return run_identity(from_dict(RunConfig, read_yaml(existing)[0])) == run_identity(cfg)
+    except DataeffError:
+        return False
+
+
+def _init_worker(threads: int, environ: dict[str, str]) -> None:
+    # A fork server keeps the environment it started with; jobs must see the driver's as of this sweep.
+    os.environ.clear()
+    os.environ.update(environ)
+    # Libraries that start their own thread pools later (OpenMP, MKL) read these; torch is told directly.
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[var] = str(threads)
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def _run_job(data: dict[str, Any]) -> Outcome:
+    """Train one run; any exception becomes a FAILED marker and an error line, never a crashed sweep."""
+    start = time.perf_counter()
+    cfg = from_dict(RunConfig, data, source="<executor job>")
+    run_dir = Path(cfg.run_dir)  # type: ignore[arg-type]
+    # Reached with a FAILED marker only when retrying; removing it lets a new failure be told from the old one.
+    (run_dir / FAILED).unlink(missing_ok=True)
+    try:
+        result = train(cfg)
+    except Exception as e:
+        error = _one_line(e)
+        if status(run_dir) != "failed" and _owns(run_dir, cfg):
+            if not (run_dir / "config.yaml").exists():
+                dump_yaml(cfg, run_dir / "config.yaml")  # so the failed run is self-describing and indexable
+            details = {} if isinstance(e, DataeffError) else {"traceback": traceback.format_exc()}
+            mark_failed(run_dir, error, **details)
+        return "failed", None, error, time.perf_counter() - start
+    return "done", result, None, time.perf_counter() - start
+
+
+def _died(e: BaseException) -> Outcome:
+    # The worker itself is gone (killed, out of memory): no marker, so the next sweep resumes the run.
+    return "failed", None, f"worker died before the job finished ({_one_line(e)}); rerun to resume it", 0.0
+
+
+def _mp_context() -> multiprocessing.context.BaseContext:
+    """forkserver where there is one, else spawn; never a plain fork of the driver, which may have run torch
+    ops already: its child would inherit OpenMP thread pools in an undefined state. The fork server only
+    imports torch, and the optimizers' lazy import of torch._dynamo (seconds), so every worker forked from
+    it starts ready instead of paying for both again."""
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["dataeff.executor", "torch._dynamo"])
+    return ctx
+
+
+def _run_local(jobs: dict[Path, dict[str, Any]], workers: int, threads: int, on_done: Callable[[Path, Outcome], None]) -> None:
+    ctx = _mp_context()
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker,
+                               initargs=(threads, dict(os.environ)))
+    try:
+        futures = {pool.submit(_run_job, data): key for key, data in jobs.items()}
+        for future in as_completed(futures):
+            try:
+                outcome = future.result()
+            except Exception as e:
+                outcome = _died(e)
+            on_done(futures[future], outcome)
+    except BaseException:
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown()
+
+
+def _import_ray() -> Any:
+    try:
+        import ray
+    except ImportError:
+        raise DataeffError("executor.backend=ray needs Ray: pip install 'dataeff[ray]'") from None
+    return ray
+
+
+def _start_ray(cfg: ExecutorConfig) -> Any:
+    """The Ray API with a cluster attached: one already initialised, the one at ray_address, or a new local one."""
+    ray = _import_ray()
+    if not ray.is_initialized():
+        if cfg.ray_address is None:
+            # No runtime_env: workers on this machine import dataeff from the driver's environment as it is.
+            ray.init(num_cpus=machine_cores(), include_dashboard=False, logging_level="warning",
+                     object_store_memory=256 * 1024**2)
+        else:
+            ray.init(address=cfg.ray_address, logging_level="warning")
+    return ray
+
+
+def _run_ray(ray: Any, jobs: dict[Path, dict[str, Any]], cfg: ExecutorConfig, threads: int,
+             on_done: Callable[[Path, Outcome], None]) -> None:
+    task = ray.remote(num_cpus=cfg.cpus_per_job or threads, num_gpus=cfg.gpus_per_job)(_run_job)
+    queue = list(jobs.items())
+    # Ray schedules by reserved CPUs; `workers` additionally caps how many jobs are in flight.
+    limit = cfg.workers or len(queue)
+    in_flight: dict[Any, Path] = {}
+    while queue or in_flight:
+        while queue and len(in_flight) < limit:
+            key, data = queue.pop(0)
+            in_flight[task.remote(data)] = key
+        ready, _ = ray.wait(list(in_flight), num_returns=1)
+        key = in_flight.pop(ready[0])
+        try:
+            outcome = ray.get(ready[0])
+        except Exception as e:
+            outcome = _died(e)
+        on_done(key, outcome)
+
+
+def run_jobs(configs: list[RunConfig], cfg: ExecutorConfig, root: str | Path, *, progress: bool = True) -> list[JobResult]:
+    """Run every config (once, however often it is listed) and return one result per config, in order.
+
+    A config's run directory is its own ``run_dir`` if set, else ``<root>/<run_hash(config)>``.
+    """
+    _check(cfg)
+    root = Path(root)
+    dirs = [Path(c.run_dir) if c.run_dir else root / run_hash(c) for c in configs]
+    unique: dict[Path, RunConfig] = {}
+    for c, d in zip(configs, dirs, strict=True):
+        first = unique.setdefault(d, c)
+        if run_identity(first) != run_identity(c):
+            raise DataeffError(f"{d}: run_dir is set by two different configs ({run_hash(first)} and {run_hash(c)})")
+
+    results: dict[Path, JobResult] = {}
+    for d, c in unique.items():
+        st = status(d)
+        if st == "done":
+            results[d] = JobResult(c, d, "skipped", read_result(d), None, 0.0)
+        elif st == "failed" and not cfg.retry_failed:
+            results[d] = JobResult(c, d, "skipped", None, read_failure(d).get("reason", "failed"), 0.0)
+    pending = [d for d in unique if d not in results]
+
+    if pending:
+        ray = _start_ray(cfg) if cfg.backend == "ray" else None
+        cores = int(ray.cluster_resources().get("CPU", 0)) if ray is not None else 0
+        workers, threads = layout(cfg, len(pending), cores or machine_cores())
+        device = {"device": "cuda"} if cfg.gpus_per_job > 0 else {}
+        jobs = {
+            d: to_dict(dataclasses.replace(
+                unique[d], run_dir=str(d),
+                train=dataclasses.replace(unique[d].train, threads=threads, progress=False, **device),
+            ))
+            for d in pending
+        }
+        bar = tqdm(total=len(unique), initial=len(results), desc="runs", unit="run", disable=not progress,
+                   dynamic_ncols=True)
+        failed = 0
+
+        def on_done(d: Path, outcome: Outcome) -> None:
+            nonlocal failed
+            state, result, error, seconds = outcome
+            results[d] = JobResult(unique[d], d, state, result, error, seconds)
+            failed += state == "failed"
+            bar.update(1)
+            bar.set_postfix(failed=failed)
+
+        try:
+            if ray is not None:
+                _run_ray(ray, jobs, cfg, threads, on_done)
+            else:
+                _run_local(jobs, workers, threads, on_done)
+        finally:
+            bar.close()
+
+    # Duplicates share their run's outcome but keep their own config object.
+    return [dataclasses.replace(results[d], config=c) for c, d in zip(configs, dirs, strict=True)]
