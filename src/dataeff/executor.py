@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import multiprocessing
 import os
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -94,7 +95,19 @@ def _owns(run_dir: Path, cfg: RunConfig) -> bool:
         return False
 
 
-def _init_worker(threads: int, environ: dict[str, str]) -> None:
+def _exit_with(driver: int) -> None:
+    # A worker's parent is the fork server, not the driver: without this a SIGKILLed sweep leaves its workers
+    # training on, competing with the rerun that resumes the same runs.
+    while True:
+        time.sleep(1.0)
+        try:
+            os.kill(driver, 0)
+        except ProcessLookupError:
+            os._exit(1)
+
+
+def _init_worker(threads: int, environ: dict[str, str], driver: int) -> None:
+    threading.Thread(target=_exit_with, args=(driver,), daemon=True, name="dataeff-driver-watch").start()
     # A fork server keeps the environment it started with; jobs must see the driver's as of this sweep.
     os.environ.clear()
     os.environ.update(environ)
@@ -146,7 +159,7 @@ def _mp_context() -> multiprocessing.context.BaseContext:
 def _run_local(jobs: dict[Path, dict[str, Any]], workers: int, threads: int, on_done: Callable[[Path, Outcome], None]) -> None:
     ctx = _mp_context()
     pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker,
-                               initargs=(threads, dict(os.environ)))
+                               initargs=(threads, dict(os.environ), os.getpid()))
     try:
         futures = {pool.submit(_run_job, data): key for key, data in jobs.items()}
         for future in as_completed(futures):
