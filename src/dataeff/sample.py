@@ -1,0 +1,349 @@
+"""Sampling from a trained run or an ensemble of runs: for reading what a model learned, and for
+sequence-level distillation, where a student trains on documents sampled from a teacher (ensemble).
+
+Decoding is batched and KV-cached. The model keeps one position counter per cache, so rows of a batch must
+share their prompt length: prompts are grouped by length and each group decodes as its own batches. A
+prompt plus its new tokens must fit the model's context; a longer request is refused, never truncated or
+slid. An ensemble keeps one cache per member and samples each token from the members' combined
+distribution (:func:`dataeff.ensemble.combine_log_probs`, the probability mixture by default).
+
+``dtype="bf16"`` computes as ``torch.autocast`` does in training and evaluation: bf16 matmuls, an fp32
+residual stream, fp32 RoPE, softmax and log-probabilities.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+
+from dataeff.config import option
+from dataeff.dist import autocast
+from dataeff.ensemble import Combine, Ensemble, combine_log_probs, load_ensemble
+from dataeff.errors import DataeffError
+from dataeff.evaluate_run import load_model
+from dataeff.fsutil import atomic_path
+from dataeff.model import KVCache, Transformer, rope_cache
+from dataeff.tokenizer import Tokenizer
+
+Dtype = Literal["bf16", "fp32"]
+
+
+@dataclass
+class SampleConfig:
+    run_dir: str = option("", "the run directory to sample from (or members, for an ensemble)")
+    members: list[str] = option([], "run directories of an ensemble to sample from, instead of run_dir")
+    combine: Combine = option("prob", "how ensemble members combine per token: probability or logit averaging")
+    prompts: list[str] = option([""], "prompts; each starts a new document, and an empty one samples unconditionally")
+    prompt_file: str | None = option(None, "read prompts from this file instead, one per line")
+    max_tokens: int = option(128, "new tokens per sample at most; with the prompt they must fit the model's context")
+    temperature: float = option(1.0, "softmax temperature; 0 is greedy decoding")
+    top_k: int = option(0, "sample among the k most likely tokens only (0: all)")
+    top_p: float = option(1.0, "sample among the most likely tokens holding this much probability (1: all)")
+    num_samples: int = option(1, "samples per prompt")
+    batch_size: int = option(16, "sequences decoded together")
+    seed: int = option(0, "sampling seed: the same seed and settings give the same samples")
+    stop_at_eos: bool = option(True, "end a sample at the end-of-document token")
+    dtype: Dtype = option("bf16", "bf16 (autocast) or fp32")
+    device: str = option("auto", "auto, cpu, cuda or mps")
+    out: str | None = option(None, "write the samples to this JSONL file (written atomically)")
+
+    def __post_init__(self) -> None:
+        _check_sampling("sample.", self.temperature, self.top_k, self.top_p)
+        for name in ("max_tokens", "num_samples", "batch_size"):
+            if getattr(self, name) < 1:
+                raise DataeffError(f"sample.{name}: {getattr(self, name)} must be at least 1")
+
+
+def _check_sampling(prefix: str, temperature: float, top_k: int, top_p: float) -> None:
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise DataeffError(f"{prefix}temperature: {temperature} must be a number >= 0 (0 is greedy)")
+    if top_k < 0:
+        raise DataeffError(f"{prefix}top_k: {top_k} must be >= 0 (0 turns it off)")
+    if not 0 < top_p <= 1:
+        raise DataeffError(f"{prefix}top_p: {top_p} must be in (0, 1] (1 turns it off)")
+
+
+Linear = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _linear(weight: torch.Tensor, dtype: torch.dtype, batch_hint: int) -> Linear:
+    """``x @ weight.T`` in ``dtype``; on CPUs with oneDNN the weight is packed once for its GEMM kernel
+    (the packing Inductor's freezing uses), which runs decode-sized matmuls ~1.4x faster than ``F.linear``."""
+    w = weight.detach().to(dtype)
+    mkldnn = torch.ops.mkldnn
+    if w.device.type == "cpu" and torch.backends.mkldnn.is_available() and (
+        dtype == torch.float32 or mkldnn._is_mkldnn_bf16_supported()
+    ):
+        packed = mkldnn._reorder_linear_weight(w, batch_hint)
+        return lambda x: mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+    return lambda x: F.linear(x, w)
+
+
+@dataclass(frozen=True, slots=True)
+class _Layer:
+    attn_norm: torch.Tensor
+    wqkv: Linear
+    qk_norm: torch.Tensor | None  # per-head q|k RMSNorm weights, shape (n_heads + n_kv_heads, head_dim)
+    wo: Linear
+    mlp_norm: torch.Tensor
+    w13: Linear
+    w2: Linear
+
+
+class _Decoder:
+    """One model's decoding: the prompt through the model's own forward pass, then one token per step
+    through a path computing the same function with about half the operators.
+
+    At one token per row a CPU step of a small model costs more in per-operator overhead than in arithmetic,
+    so this path folds the softmax scale into the query weights (or the query norm), applies RoPE as
+    ``x·cos + roll(x)·sin`` with the sign folded into ``sin``, attends with two batched matmuls instead of
+    SDPA (whose CPU kernels cost several times more at one query), and packs weights for oneDNN. The cache is fp32
+    whatever the compute dtype: fp32 batched matmuls read a prefix of it in place, bf16 ones copy it.
+    ``tests/test_sample.py`` checks this path against the model's uncached forward pass.
+    """
+
+    def __init__(self, model: Transformer, dtype: Dtype, batch_hint: int):
+        c = model.cfg
+        assert c.n_kv_heads is not None and c.d_ff is not None
+        self.model, self.dtype = model, dtype
+        self.compute = torch.bfloat16 if dtype == "bf16" else torch.float32
+        self.n_heads, self.n_kv, self.head_dim, self.d_ff, self.eps = c.n_heads, c.n_kv_heads, c.head_dim, c.d_ff, c.norm_eps
+        scale = c.head_dim**-0.5
+        q_rows = c.n_heads * c.head_dim
+        device = model.embed.weight.device
+        cos, sin = rope_cache(c.seq_len, c.head_dim, c.rope_theta)
+        half = c.head_dim // 2
+        self.cos = cos.to(device)
+        self.sin = torch.cat([-sin[:, :half], sin[:, half:]], dim=-1).to(device)
+        self.layers = []
+        for block in model.blocks:
+            attn = block.attn
+            wqkv = attn.wqkv.weight.detach()
+            qk_norm = None
+            if attn.q_norm is not None and attn.k_norm is not None:
+                # The norm undoes any scaling of the projection, so the scale goes into the norm's weight.
+                qk_norm = torch.cat([(attn.q_norm.weight.detach().float() * scale).expand(c.n_heads, -1),
+                                     attn.k_norm.weight.detach().float().expand(c.n_kv_heads, -1)])
+            else:
+                wqkv = torch.cat([wqkv[:q_rows] * scale, wqkv[q_rows:]])
+            self.layers.append(_Layer(
+                attn_norm=block.attn_norm.weight.detach(),
+                wqkv=_linear(wqkv, self.compute, batch_hint),
+                qk_norm=qk_norm,
+                wo=_linear(attn.wo.weight, self.compute, batch_hint),
+                mlp_norm=block.mlp_norm.weight.detach(),
+                w13=_linear(block.mlp.w13.weight, self.compute, batch_hint),
+                w2=_linear(block.mlp.w2.weight, self.compute, batch_hint),
+            ))
+        self.head = _linear(model.output_weight, self.compute, batch_hint)
+        self.cache: KVCache | None = None
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+
+    def _logits(self, h: torch.Tensor) -> torch.Tensor:
+        return self.head(h.to(self.compute)).float()
+
+    def start(self, prompts: torch.Tensor, max_len: int) -> torch.Tensor:
+        """Prefill a fresh cache of ``max_len`` positions; the next-token fp32 logits, ``(batch, V)``."""
+        model = self.model
+        b = prompts.shape[0]
+        self.cache = KVCache(model.cfg, b, max_len, prompts.device, torch.float32)
+        with autocast(prompts.device, self.dtype):
+            h = model.hidden(prompts, self.cache)[:, -1]
+        # (batch·kv_heads, position, head_dim) views, keys pre-transposed, for the batched matmuls of step().
+        self.keys = [k.view(b * self.n_kv, max_len, self.head_dim).transpose(1, 2) for k in self.cache.k]
+        self.values = [v.view(b * self.n_kv, max_len, self.head_dim) for v in self.cache.v]
+        return self._logits(h)
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Feed one token per row, ``(batch,)``; the next-token fp32 logits, ``(batch, V)``."""
+        cache = self.cache
+        assert cache is not None
+        pos, end = cache.pos, cache.pos + 1
+        b, heads, kv, hd, eps, dt = tokens.shape[0], self.n_heads, self.n_kv, self.head_dim, self.eps, self.compute
+        qk_heads = heads + kv
+        x = F.embedding(tokens, self.model.embed.weight)
+        d = x.shape[-1]
+        cos, sin = self.cos[pos], self.sin[pos]
+        for i, layer in enumerate(self.layers):
+            qkv = layer.wqkv(F.rms_norm(x, (d,), layer.attn_norm, eps).to(dt)).view(b, qk_heads + kv, hd)
+            qk = qkv[:, :qk_heads]
+            if layer.qk_norm is not None:
+                qk = F.rms_norm(qk.float(), (hd,), None, eps) * layer.qk_norm
+            qk = torch.addcmul(qk * cos, qk.roll(hd // 2, -1), sin)
+            cache.k[i, :, :, pos] = qk[:, heads:]
+            cache.v[i, :, :, pos] = qkv[:, qk_heads:]
+            # Query heads sharing a key/value head are rows of one matrix: grouped-query attention needs no copies.
+            q = qk[:, :heads].reshape(b * kv, heads // kv, hd)
+            att = torch.bmm(q, self.keys[i][:, :, :end]).softmax(dim=-1)
+            y = torch.bmm(att, self.values[i][:, :end]).view(b, heads * hd)
+            x = x + layer.wo(y.to(dt))
+            gate, up = layer.w13(F.rms_norm(x, (d,), layer.mlp_norm, eps).to(dt)).split(self.d_ff, dim=-1)
+            x = x + layer.w2(F.silu(gate) * up)
+        cache.advance(1)
+        return self._logits(F.rms_norm(x, (d,), self.model.norm.weight, eps))
+
+
+def _next_tokens(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
+                 generator: torch.Generator) -> torch.Tensor:
+    """One token per row of ``(batch, V)`` logits or log-probabilities; temperature, then top-k, then top-p
+    (HF's order)."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    scores = logits / temperature if temperature != 1 else logits
+    if 0 < top_k < scores.shape[-1]:
+        kth = scores.topk(top_k, dim=-1).values[:, -1:]
+        scores = scores.masked_fill(scores < kth, -math.inf)
+    if top_p < 1:
+        ranked, order = scores.sort(dim=-1, descending=True)
+        probs = ranked.softmax(dim=-1)
+        # Keep the smallest head of the ranking holding top_p; the most likely token always stays.
+        drop = probs.cumsum(dim=-1) - probs >= top_p
+        scores = scores.scatter(-1, order, ranked.masked_fill(drop, -math.inf))
+    # Inverse-CDF sampling with one uniform per row: torch.multinomial draws one exponential per vocabulary
+    # entry, ~10x slower here. Zero-probability tokens add no CDF mass, so a strict search never lands on one.
+    cdf = scores.softmax(dim=-1).cumsum(dim=-1)
+    total = cdf[:, -1:]
+    u = torch.rand(total.shape, generator=generator, device=generator.device).to(total.device)
+    target = torch.minimum(u * total, torch.nextafter(total, torch.zeros_like(total)))
+    return torch.searchsorted(cdf, target, right=True).squeeze(-1)
+
+
+def generate(
+    model: Transformer | Ensemble,
+    prompt_ids: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    eos_id: int | None = None,
+    stop_at_eos: bool = True,
+    generator: torch.Generator,
+    batch_size: int = 16,
+    dtype: Dtype = "fp32",
+) -> list[list[int]]:
+    """The new tokens for each prompt (non-empty token lists), in order.
+
+    A row that samples ``eos_id`` (with ``stop_at_eos``) ends with it; the others run to ``max_new_tokens``.
+    Rows are sampled from one ``generator``, so results depend on the seed, the settings and the batching,
+    and on nothing else. Dropout is off while sampling.
+    """
+    _check_sampling("generate: ", temperature, top_k, top_p)
+    if max_new_tokens < 1 or batch_size < 1:
+        raise DataeffError(f"generate: max_new_tokens={max_new_tokens} and batch_size={batch_size} must be at least 1")
+    members = model.members if isinstance(model, Ensemble) else [model]
+    vocab = members[0].cfg.vocab_size
+    seq_len = min(m.cfg.seq_len for m in members)
+    for i, ids in enumerate(prompt_ids):
+        if not ids:
+            raise DataeffError(f"generate: prompt {i} is empty; start it with the end-of-document token")
+        if not all(0 <= t < vocab for t in ids):
+            bad = next(t for t in ids if not 0 <= t < vocab)
+            raise DataeffError(f"generate: prompt {i} has token id {bad}, outside the vocabulary of {vocab}")
+        if len(ids) + max_new_tokens - 1 > seq_len:
+            raise DataeffError(f"generate: a prompt of {len(ids)} tokens plus {max_new_tokens} new tokens exceeds "
+                               f"the model's context of {seq_len} tokens")
+    by_length: dict[int, list[int]] = {}
+    for i, ids in enumerate(prompt_ids):
+        by_length.setdefault(len(ids), []).append(i)
+    stop = eos_id if stop_at_eos else None
+    results: list[list[int]] = [[] for _ in prompt_ids]
+    device = members[0].embed.weight.device
+    modes = [m.training for m in members]
+    try:
+        for m in members:
+            m.eval()
+        with torch.inference_mode():
+            decoders = [_Decoder(m, dtype, min(batch_size, len(prompt_ids))) for m in members]
+            for rows in by_length.values():
+                for start in range(0, len(rows), batch_size):
+                    chunk = rows[start : start + batch_size]
+                    prompts = torch.tensor([list(prompt_ids[i]) for i in chunk], dtype=torch.long, device=device)
+                    new = _decode(decoders, model, prompts, max_new_tokens, stop,
+                                  lambda scores: _next_tokens(scores, temperature, top_k, top_p, generator))
+                    for i, tokens in zip(chunk, new, strict=True):
+                        results[i] = tokens
+    finally:
+        for m, mode in zip(members, modes, strict=True):
+            m.train(mode)
+    return results
+
+
+def _decode(decoders: list[_Decoder], model: Transformer | Ensemble, prompts: torch.Tensor, max_new_tokens: int,
+            stop: int | None, pick: Callable[[torch.Tensor], torch.Tensor]) -> list[list[int]]:
+    b, length = prompts.shape
+    logits = [d.start(prompts, length + max_new_tokens - 1) for d in decoders]
+    out = torch.empty(b, max_new_tokens, dtype=torch.long, device=prompts.device)
+    done = torch.zeros(b, dtype=torch.bool, device=prompts.device)
+    n = max_new_tokens
+    for i in range(max_new_tokens):
+        if isinstance(model, Ensemble):
+            tokens = pick(combine_log_probs([F.log_softmax(x, dim=-1) for x in logits], model.mode, model.weights))
+        else:
+            tokens = pick(logits[0])
+        out[:, i] = tokens
+        if stop is not None:
+            done |= tokens == stop
+            if bool(done.all()):
+                n = i + 1
+                break
+        if i + 1 < max_new_tokens:
+            logits = [d.step(tokens) for d in decoders]
+    rows = out[:, :n].tolist()
+    if stop is None:
+        return rows
+    # Finished rows kept decoding alongside the others; their tokens after the stop are dropped here.
+    return [row[: row.index(stop) + 1] if stop in row else row for row in rows]
+
+
+def _prompts(cfg: SampleConfig) -> list[str]:
+    if cfg.prompt_file is None:
+        return list(cfg.prompts)
+    path = Path(cfg.prompt_file)
+    if not path.is_file():
+        raise DataeffError(f"sample.prompt_file: {path}: no such file")
+    return path.read_text(encoding="utf-8").splitlines()
+
+
+def sample(cfg: SampleConfig) -> list[dict[str, Any]]:
+    """Rows ``{prompt, completion, tokens, stopped_at_eos}``, ``num_samples`` per prompt in prompt order.
+
+    ``tokens`` are the completion's ids without the end-of-document token that stopped it. Every prompt is
+    encoded after an end-of-document token, as every document but a corpus's first follows one in training.
+    """
+    if bool(cfg.run_dir) == bool(cfg.members):
+        raise DataeffError("sample: set run_dir (one model) or members (an ensemble), e.g. `dataeff sample runs/abc`")
+    source = cfg.members[0] if cfg.members else cfg.run_dir
+    model: Transformer | Ensemble
+    if cfg.members:
+        model = load_ensemble(cfg.members, cfg.combine, device=cfg.device)
+        device = model.members[0].embed.weight.device
+    else:
+        model = load_model(cfg.run_dir, device=cfg.device)
+        device = model.embed.weight.device
+    tokenizer = Tokenizer.load(Path(source) / "tokenizer.json")
+    prompts = [p for p in _prompts(cfg) for _ in range(cfg.num_samples)]
+    eos = tokenizer.eos_id
+    outputs = generate(
+        model, [[eos, *tokenizer.encode(p)] for p in prompts],
+        max_new_tokens=cfg.max_tokens, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, eos_id=eos,
+        stop_at_eos=cfg.stop_at_eos, generator=torch.Generator(device=device).manual_seed(cfg.seed),
+        batch_size=cfg.batch_size, dtype=cfg.dtype,
+    )
+    rows = []
+    for prompt, tokens in zip(prompts, outputs, strict=True):
+        stopped = cfg.stop_at_eos and tokens[-1] == eos
+        kept = tokens[:-1] if stopped else tokens
+        rows.append({"prompt": prompt, "completion": tokenizer.decode(kept), "tokens": kept, "stopped_at_eos": stopped})
+    if cfg.out:
+        with atomic_path(cfg.out) as tmp:
+            tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return rows
