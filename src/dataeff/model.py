@@ -19,6 +19,7 @@ from dataeff.errors import DataeffError
 
 # name -> (d_model, n_layers, n_heads). Non-embedding parameters are ~12·d²·L; the vocabulary adds the rest.
 PRESETS: dict[str, tuple[int, int, int]] = {
+    "pico": (16, 2, 2),  # ~0.007M non-embedding: the smallest demo-world size
     "nano": (32, 2, 2),  # ~0.03M non-embedding: smoke tests
     "micro": (64, 2, 2),  # ~0.1M
     "mini": (128, 4, 4),  # ~0.8M
