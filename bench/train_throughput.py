@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from dataeff.config import from_dict
 from dataeff.fsutil import read_jsonl
+from dataeff.hf import to_hf
 from dataeff.model import ModelConfig, Transformer, count_parameters, flops_per_token
 from dataeff.order import EpochOrder
 from dataeff.tokens import prepare
@@ -88,30 +89,11 @@ def run_plain(model: torch.nn.Module, batches: list[torch.Tensor], warmup: int, 
     return tokens / (time.perf_counter() - start), losses
 
 
-def hf_model(cfg: ModelConfig, ours: Transformer) -> torch.nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    c = cfg.resolved()
-    hf_cfg = LlamaConfig(
-        vocab_size=c.vocab_size, hidden_size=c.d_model, intermediate_size=c.d_ff, num_hidden_layers=c.n_layers,
-        num_attention_heads=c.n_heads, num_key_value_heads=c.n_kv_heads, max_position_embeddings=c.seq_len,
-        rms_norm_eps=c.norm_eps, tie_word_embeddings=c.tie_embeddings, attn_implementation="sdpa",
-    )
-    model = LlamaForCausalLM(hf_cfg)
-    # Same initial weights as ours: HF's own init differs, and the loss curves are compared.
-    with torch.no_grad():
-        model.model.embed_tokens.weight.copy_(ours.embed.weight)
-        for blk, layer in zip(ours.blocks, model.model.layers, strict=True):
-            q, k, v = blk.attn.wqkv.weight.split([c.d_model, c.n_kv_heads * c.head_dim, c.n_kv_heads * c.head_dim])
-            layer.self_attn.q_proj.weight.copy_(q)
-            layer.self_attn.k_proj.weight.copy_(k)
-            layer.self_attn.v_proj.weight.copy_(v)
-            layer.self_attn.o_proj.weight.copy_(blk.attn.wo.weight)
-            gate, up = blk.mlp.w13.weight.split(c.d_ff)
-            layer.mlp.gate_proj.weight.copy_(gate)
-            layer.mlp.up_proj.weight.copy_(up)
-            layer.mlp.down_proj.weight.copy_(blk.mlp.w2.weight)
-    return model
+def hf_model(ours: Transformer) -> torch.nn.Module:
+    """HF LlamaForCausalLM with our initial weights (HF's own init differs, and the loss curves are compared)."""
+    model = to_hf(ours)
+    model.config._attn_implementation = "sdpa"
+    return model.train()
 
 
 def main() -> None:
@@ -153,7 +135,7 @@ def main() -> None:
         compiled_tok_s, _ = run_dataeff(compiled, warmup)
         compile_wall = time.perf_counter() - compile_start
         ref_tok_s, ref_loss = run_plain(Transformer(model_cfg), batches, warmup, cfg.optim, hf=False, bf16=False)
-        hf_tok_s, hf_loss = run_plain(hf_model(model_cfg, Transformer(model_cfg)), batches, warmup, cfg.optim, hf=True, bf16=True)
+        hf_tok_s, hf_loss = run_plain(hf_model(Transformer(model_cfg)), batches, warmup, cfg.optim, hf=True, bf16=True)
 
     mfu = ours_tok_s * flops_per_token(model_cfg) / peak
     print(f"model: preset {args.preset}, {params['total'] / 1e6:.2f}M parameters ({params['non_embedding'] / 1e6:.2f}M non-embedding), "
