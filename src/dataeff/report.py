@@ -474,8 +474,8 @@ def _fig_loss_vs_params(results: dict[str, Any], ci: float) -> tuple[bytes | Non
                 label=f"{name}: E={fit['E']:.4f} {_interval(fit.get('E_ci'))}, α={fit['alpha']:.3g}")
         ax.axhline(fit["E"], color=color, ls="--", lw=1)
         if e_ci and all(map(math.isfinite, e_ci)):
+            # Drawn but not used for the limits: a degenerate interval (E -> 0) would flatten the data.
             ax.axhspan(*e_ci, color=color, alpha=0.08, lw=0)
-            y_seen += list(e_ci)
         band = _band(fit, x, ci)
         if band is not None:
             ax.fill_between(x, *band, color=color, alpha=0.2, lw=0)
