@@ -76,6 +76,14 @@ def test_completed_run_is_not_retrained(small_corpus, tmp_path):
     assert (tmp_path / "run" / "metrics.jsonl").stat().st_mtime_ns == stamp
 
 
+def test_killed_after_last_step_finishes_with_the_same_result(small_corpus, tmp_path):
+    cfg = tiny_config(small_corpus, tmp_path / "run", epochs=1)
+    first = train(cfg)
+    (tmp_path / "run" / "DONE").unlink()  # as if killed between the final checkpoint and the marker
+    again = train(cfg)
+    assert again["train_loss"] == first["train_loss"] and again["val_loss"] == pytest.approx(first["val_loss"])
+
+
 def test_run_dir_with_another_config_is_refused(small_corpus, tmp_path):
     train(tiny_config(small_corpus, tmp_path / "run", epochs=1))
     (tmp_path / "run" / "DONE").unlink()

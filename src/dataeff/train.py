@@ -280,7 +280,9 @@ def _train(cfg: RunConfig, run_dir: Path, info: dist.DistInfo) -> dict[str, Any]
                desc=run_dir.name, unit="step", dynamic_ncols=True)
     flops = flops_per_token(model_cfg)
     tokens_per_step = plan.batch_seqs * plan.seq_len
-    last_loss = float("nan")
+    # A run killed after its last step but before DONE resumes with no step left: its loss is in the log.
+    logged = [r["train_loss"] for r in log.rows() if "train_loss" in r] if start_step else []
+    last_loss = logged[-1] if logged else float("nan")
     tick, tick_step = time.perf_counter(), start_step
     model.train()
     for step in range(start_step, plan.total_steps):
