@@ -159,9 +159,12 @@ def _write_cfg(cfg: RunConfig, path: Path) -> Path:
 def test_sigkill_then_rerun_matches_uninterrupted_run(small_corpus, tmp_path):
     """Kill the trainer at an arbitrary point (after a checkpoint), rerun the same command: same final loss."""
     over = {"epochs": 8, "checkpoint_every": 3, "dtype": "fp32"}
-    whole = train(tiny_config(small_corpus, tmp_path / "whole", **over))
+    whole_cfg, killed_cfg = (tiny_config(small_corpus, tmp_path / name, **over) for name in ("whole", "killed"))
+    for c in (whole_cfg, killed_cfg):
+        c.model.dropout = 0.1  # resumption must restore the dropout randomness too
+    whole = train(whole_cfg)
 
-    cfg_path = _write_cfg(tiny_config(small_corpus, tmp_path / "killed", **over), tmp_path / "killed.yaml")
+    cfg_path = _write_cfg(killed_cfg, tmp_path / "killed.yaml")
     proc = subprocess.Popen(_train_cmd(cfg_path), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     ckpt_dir = tmp_path / "killed" / "checkpoints"
     deadline = time.time() + 120

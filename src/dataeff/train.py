@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import torch
 import torch.distributed as tdist
 from tqdm.auto import tqdm
@@ -204,6 +205,12 @@ def _check_run_dir(run_dir: Path, cfg: RunConfig) -> None:
             raise DataeffError(f"{run_dir}: holds a run with a different config; choose another run_dir")
 
 
+def _reseed(seed: int, rank: int, step: int) -> None:
+    """Dropout randomness restarts from (seed, rank, step) at every checkpoint, so a run resumed on any
+    number of processes draws what an uninterrupted one draws; only rank 0's RNG state is in a checkpoint."""
+    torch.manual_seed(int(np.random.SeedSequence([seed, rank, step]).generate_state(1)[0]))
+
+
 def train(cfg: RunConfig) -> dict[str, Any]:
     """Train (or resume, or return the result of) the run ``cfg`` describes. Returns its final metrics."""
     run_dir = default_run_dir(cfg)
@@ -254,14 +261,14 @@ def _train(cfg: RunConfig, run_dir: Path, info: dist.DistInfo) -> dict[str, Any]
             prepared.tokenizer.save(run_dir / "tokenizer.json")
     dist.barrier(info)
 
-    # Seed dropout from the data seed; a checkpoint's saved RNG state replaces this on resume.
-    torch.manual_seed(t.data_seed + 1_000_003 * info.rank)
+    _reseed(t.data_seed, info.rank, 0)
     # Peak rates come from the config: a checkpoint's param groups hold the scheduled rate of its step.
     base_lrs = [[g["lr"] for g in opt.param_groups] for opt in optimizers]
     start_step = 0
     found = ckpt.list_checkpoints(ckpt_dir)
     if found:
         start_step, _ = ckpt.load_checkpoint(found[-1][1], model, optimizers)
+        _reseed(t.data_seed, info.rank, start_step)
         if info.is_main:
             log.rewind(start_step)
 
@@ -332,6 +339,7 @@ def _train(cfg: RunConfig, run_dir: Path, info: dist.DistInfo) -> dict[str, Any]
             if info.is_main:
                 ckpt.save_checkpoint(ckpt.checkpoint_path(ckpt_dir, done_steps), model, optimizers, done_steps)
                 ckpt.prune_checkpoints(ckpt_dir, t.keep_checkpoints)
+            _reseed(t.data_seed, info.rank, done_steps)
             dist.barrier(info)
     bar.close()
 
