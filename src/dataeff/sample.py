@@ -38,8 +38,9 @@ Dtype = Literal["bf16", "fp32"]
 @dataclass
 class SampleConfig:
     run_dir: str = option("", "the run directory to sample from (or members, for an ensemble)")
-    members: list[str] = option([], "run directories of an ensemble to sample from, instead of run_dir")
-    combine: Combine = option("prob", "how ensemble members combine per token: probability or logit averaging")
+    members: list[str] = option([], "run directories of an ensemble to sample from, or one ensemble.json, instead of run_dir")
+    combine: Combine | None = option(None, "how ensemble members combine per token: prob or logit averaging "
+                                           "(default: an ensemble.json's mode, else prob)")
     prompts: list[str] = option([""], "prompts; each starts a new document, and an empty one samples unconditionally")
     prompt_file: str | None = option(None, "read prompts from this file instead, one per line")
     max_tokens: int = option(128, "new tokens per sample at most; with the prompt they must fit the model's context")
@@ -321,14 +322,15 @@ def sample(cfg: SampleConfig) -> list[dict[str, Any]]:
     """
     if bool(cfg.run_dir) == bool(cfg.members):
         raise DataeffError("sample: set run_dir (one model) or members (an ensemble), e.g. `dataeff sample runs/abc`")
-    source = cfg.members[0] if cfg.members else cfg.run_dir
     model: Transformer | Ensemble
     if cfg.members:
         model = load_ensemble(cfg.members, cfg.combine, device=cfg.device)
         device = model.members[0].embed.weight.device
+        source = model.names[0]
     else:
         model = load_model(cfg.run_dir, device=cfg.device)
         device = model.embed.weight.device
+        source = cfg.run_dir
     tokenizer = Tokenizer.load(Path(source) / "tokenizer.json")
     prompts = [p for p in _prompts(cfg) for _ in range(cfg.num_samples)]
     eos = tokenizer.eos_id

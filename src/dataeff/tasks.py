@@ -464,8 +464,9 @@ def evaluate_task(fn: LogProbFn, tokenizer: Tokenizer, name: str, items: Sequenc
 @dataclass
 class TasksConfig:
     run_dir: str = option("", "the run directory to evaluate (or members= for an ensemble)")
-    members: list[str] = option([], "run directories of an ensemble's members, scored as one model")
-    combine: Literal["prob", "logit"] = option("prob", "how an ensemble combines members: probability or logit averaging")
+    members: list[str] = option([], "run directories of an ensemble's members, or one ensemble.json, scored as one model")
+    combine: Literal["prob", "logit"] | None = option(None, "how an ensemble combines members: prob or logit "
+                                                            "averaging (default: an ensemble.json's mode, else prob)")
     tasks: list[str] = option(list(TASKS), "tasks to run: " + ", ".join(TASKS))
     limit: int | None = option(None, "at most this many items per task (default: all)")
     limit_seed: int | None = option(0, "seed of the random subset limit keeps, in file order (null: the first items)")
@@ -488,9 +489,10 @@ def run_tasks(cfg: TasksConfig) -> dict[str, Any]:
         check_task(name)
     device = str(pick_device(cfg.device))
     if cfg.members:
-        fn = log_prob_fn(load_ensemble(cfg.members, cfg.combine, device))
-        first = cfg.members[0]
-        model_desc: dict[str, Any] = {"members": list(cfg.members), "combine": cfg.combine}
+        ensemble = load_ensemble(cfg.members, cfg.combine, device)
+        fn = log_prob_fn(ensemble)
+        first = ensemble.names[0]
+        model_desc: dict[str, Any] = {"members": ensemble.names, "combine": ensemble.mode}
     else:
         fn = log_prob_fn(load_model(cfg.run_dir, device=device))
         first = cfg.run_dir
