@@ -60,9 +60,24 @@ class DataConfig:
         None, "token budget D of the training split (EOS tokens count); null = the whole training split"
     )
     budget_seed: int = option(0, "seed of the document shuffle that picks the token budget; same seed = nested budgets")
+    synthetic: str | None = option(
+        None,
+        "a synthetic corpus (.jsonl, .txt or .parquet, e.g. samples of a teacher) mixed into the training split; it "
+        "is tokenized with the real data's tokenizer",
+    )
+    synthetic_field: str = option("text", "the text field of the synthetic corpus's records")
+    synthetic_share: float = option(
+        0.0,
+        "share of every epoch's training tokens that are synthetic: the first D·s/(1-s) synthetic tokens join the "
+        "D real ones, so the real data is still seen once per epoch (the paper used 0.75-0.9)",
+    )
     cache_dir: str = option("cache", "directory for prepared token stores (relative to the working directory)")
 
     def __post_init__(self) -> None:
+        if not 0.0 <= self.synthetic_share < 1.0:
+            raise ValueError(f"synthetic_share must be in [0, 1), got {self.synthetic_share}")
+        if (self.synthetic is None) != (self.synthetic_share == 0.0):
+            raise ValueError("synthetic and synthetic_share are set together: a synthetic corpus and its share above 0")
         if not 0.0 < self.val_fraction < 1.0:
             raise ValueError(f"val_fraction must be between 0 and 1, got {self.val_fraction}")
         if self.val_docs is not None and self.val_docs < 1:
@@ -378,7 +393,7 @@ def load_documents(cfg: DataConfig) -> dict[str, list[str]]:
 # identity
 
 
-def _file_sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
@@ -391,11 +406,11 @@ def corpus_fingerprint(cfg: DataConfig) -> str:
         if source.format == "hf":
             # Local builder files are hashed by content; a hub dataset can only be named.
             if source.hf_data_files is not None:
-                entry["hf_data_files"] = {p: _file_sha256(Path(p)) for p in sorted(glob.glob(source.hf_data_files))}
+                entry["hf_data_files"] = {p: file_sha256(Path(p)) for p in sorted(glob.glob(source.hf_data_files))}
         else:
             root = Path(source.location)
             entry["location"] = {
-                str(p.relative_to(root)) if p != root else p.name: _file_sha256(p) for p in _files(source)
+                str(p.relative_to(root)) if p != root else p.name: file_sha256(p) for p in _files(source)
             }
         described[split] = entry
     blob = json.dumps(described, sort_keys=True, separators=(",", ":"))

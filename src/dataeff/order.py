@@ -58,6 +58,22 @@ class EpochOrder:
         self._cache = (epoch, stream, perm)
         return stream, perm
 
+    def window_ids(self, start: int, count: int) -> np.ndarray:
+        """The window index (into the once-cut stream) of samples ``start .. start+count-1``: a fixed position
+        only in ``sequence`` mode, where it keys per-window data such as a teacher's cached predictions."""
+        if self.mode != "sequence":
+            raise DataeffError("window ids are fixed positions only with train.shuffle=sequence")
+        out = np.empty(count, dtype=np.int64)
+        for i in range(count):
+            epoch, j = divmod(start + i, self.n)
+            out[i] = self._epoch(epoch)[1][j]
+        return out
+
+    def windows(self, ids: np.ndarray) -> np.ndarray:
+        """Windows ``ids`` of the once-cut stream, shape (len(ids), seq_len + 1)."""
+        return np.stack([np.asarray(self.tokens[i * self.seq_len : i * self.seq_len + self.seq_len + 1], dtype=np.int64)
+                         for i in ids])
+
     def samples(self, start: int, count: int) -> np.ndarray:
         """Samples ``start .. start+count-1`` as an int64 array of shape (count, seq_len + 1)."""
         out = np.empty((count, self.seq_len + 1), dtype=np.int64)

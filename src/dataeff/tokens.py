@@ -28,6 +28,7 @@ from dataeff.data import (
     corpus_fingerprint,
     corpus_name,
     default_tokenizer_kind,
+    file_sha256,
     load_documents,
     read_path,
 )
@@ -41,8 +42,9 @@ COMPLETE_MARKER = ".complete"
 _BATCH_DOCS = 1024
 # Fields that change where things are kept, not what they contain.
 _NOT_IDENTITY = ("cache_dir",)
-# Fields that pick the training budget; the tokenizer is trained on the whole training split regardless.
-_BUDGET_FIELDS = ("train_tokens", "budget_seed")
+# Fields that pick the training budget or add synthetic text: the tokenizer is trained on the whole real
+# training split regardless, so a student trained on a teacher's samples shares the teacher's tokenizer.
+_BUDGET_FIELDS = ("train_tokens", "budget_seed", "synthetic", "synthetic_field", "synthetic_share")
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -222,7 +224,13 @@ def _store_keys(data: DataConfig, tok: TokenizerConfig) -> tuple[Path, str, str]
     unbudgeted = {k: v for k, v in fields.items() if k not in _BUDGET_FIELDS}
     common = {"version": STORE_VERSION, "corpus": corpus_fingerprint(data), "tokenizer": _tokenizer_identity(tok, kind)}
     name = corpus_name(data)
-    store = Path(data.cache_dir) / f"{name}-{_hash({**common, 'data': fields})}"
+    synthetic = {}
+    if data.synthetic is not None:
+        path = Path(data.synthetic)
+        if not path.is_file():
+            raise DataeffError(f"data.synthetic={data.synthetic}: no such file")
+        synthetic = {"synthetic_sha256": file_sha256(path)}
+    store = Path(data.cache_dir) / f"{name}-{_hash({**common, 'data': fields, **synthetic})}"
     return store, f"{name}-{_hash({**common, 'data': unbudgeted})}", kind
 
 
@@ -253,6 +261,8 @@ def prepare(data: DataConfig, tok: TokenizerConfig, *, progress: bool = True) ->
                     f"{stream.n_tokens} tokens with this tokenizer"
                 )
             splits[name] = _split_meta(stream)
+        if data.synthetic is not None:
+            splits["synthetic"] = _write_synthetic(tmp, data, splits["train"]["n_tokens"], tokenizer, dtype, progress)
         train_tokens = np.fromfile(tmp / "train.bin", dtype=dtype)
         meta = {
             "store_version": STORE_VERSION,
@@ -280,6 +290,43 @@ def prepare(data: DataConfig, tok: TokenizerConfig, *, progress: bool = True) ->
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return load_prepared(store)
+
+
+def _write_synthetic(directory: Path, data: DataConfig, real_tokens: int, tokenizer: Tokenizer, dtype: np.dtype,
+                     progress: bool) -> dict[str, int]:
+    """The synthetic split: the first D·s/(1-s) tokens of the synthetic corpus, so that s of a mixed epoch is
+    synthetic while the real tokens are each seen once."""
+    assert data.synthetic is not None
+    need = round(real_tokens * data.synthetic_share / (1.0 - data.synthetic_share))
+    docs = read_path(data.synthetic, "auto", "blank_line", data.synthetic_field)
+    stream = _write_split(directory, "synthetic", docs, tokenizer, dtype, need, progress)
+    if stream.n_tokens < need:
+        raise DataeffError(
+            f"data.synthetic={data.synthetic}: holds {stream.n_tokens} tokens; data.synthetic_share="
+            f"{data.synthetic_share} of an epoch over {real_tokens} real tokens needs {need}"
+        )
+    return _split_meta(stream)
+
+
+def fitness_split(prepared: PreparedData, data: DataConfig, n_tokens: int) -> TokenSplit:
+    """Up to ``n_tokens`` of training-pool documents the token budget left out: held-out text disjoint from
+    both the training and the validation split, for choosing ensemble weights without touching validation."""
+    if data.train_tokens is None:
+        raise DataeffError(
+            "fitness split: data.train_tokens is unset, so the whole training split is trained on and no held-out "
+            "training documents remain; set data.train_tokens below the corpus size"
+        )
+    docs = load_documents(data)["train"]
+    order = np.random.default_rng(data.budget_seed).permutation(len(docs))
+    left = [docs[i] for i in order[prepared.split("train").n_docs :]]
+    if not left:
+        raise DataeffError(f"fitness split: the token budget data.train_tokens={data.train_tokens} uses every "
+                           "training document; lower it to leave documents for the fitness split")
+    tokenizer = prepared.tokenizer
+    chunks: list[np.ndarray] = []
+    stream = _tokenize(left, tokenizer, token_dtype(tokenizer.vocab_size), chunks.append, budget=n_tokens)
+    return TokenSplit("fitness", np.concatenate(chunks), np.asarray(stream.offsets, dtype=np.int64),
+                      round(stream.n_bytes), round(stream.n_words))
 
 
 def tokenize_file(
