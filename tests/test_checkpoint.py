@@ -75,3 +75,19 @@ def test_prune_keeps_newest(tmp_path):
         ckpt.save_checkpoint(ckpt.checkpoint_path(tmp_path, step), model, opts, step)
     ckpt.prune_checkpoints(tmp_path, keep=2)
     assert [s for s, _ in ckpt.list_checkpoints(tmp_path)] == [3, 4]
+
+
+def test_extra_tensors_round_trip_and_default_to_none(tmp_path):
+    model, opts = _trained()
+    extra = {"ema.weights.embed.weight": torch.randn(3, 4), "ema.updates": torch.tensor(7)}
+    with_extra, without = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    ckpt.save_checkpoint(with_extra, model, opts, step=2, extra_tensors=extra)
+    ckpt.save_checkpoint(without, model, opts, step=2)
+    loaded = ckpt.load_extra_tensors(with_extra)
+    assert loaded.keys() == extra.keys() and all(torch.equal(loaded[k], v) for k, v in extra.items())
+    assert ckpt.load_extra_tensors(without) == {}
+    # The extra tensors are invisible to the model and optimizer loaders.
+    fresh, fresh_opts = _trained(seed=9)
+    assert ckpt.load_checkpoint(with_extra, fresh, fresh_opts)[0] == 2
+    ckpt.load_weights(with_extra, fresh)
+    assert torch.equal(fresh.embed.weight, model.embed.weight)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,8 @@ from dataeff.errors import DataeffError
 from dataeff.fsutil import atomic_path
 
 _STEP_FILE = re.compile(r"^step_(\d{9})\.safetensors$")
+# Prefix of a checkpoint's extra tensors, apart from the model.* and opt*.* ones.
+_EXTRA = "extra."
 
 
 def _flatten_optimizer(prefix: str, state: dict[str, Any], tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
@@ -76,11 +79,12 @@ def load_weights(path: str | Path, model: torch.nn.Module) -> dict[str, Any]:
     return json.loads(meta.get("dataeff", "{}"))
 
 
-def read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def read_safetensors(path: str | Path, prefix: str = "") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors (those whose names start with ``prefix``: the others are never read) and metadata."""
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a mapping)
+            tensors = {k: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}  # noqa: SIM118 (safe_open is not a mapping)
     except FileNotFoundError:
         raise DataeffError(f"{path}: checkpoint not found") from None
     except Exception as e:  # safetensors raises its own error types for truncated or corrupt files
@@ -94,8 +98,12 @@ def save_checkpoint(
     optimizers: list[torch.optim.Optimizer],
     step: int,
     extra: dict[str, Any] | None = None,
+    extra_tensors: Mapping[str, torch.Tensor] | None = None,
 ) -> None:
+    """``extra`` is JSON metadata; ``extra_tensors`` (e.g. an EMA of the weights) come back from
+    :func:`load_extra_tensors` under the same names."""
     tensors = {f"model.{k}": v for k, v in model_state(model).items()}
+    tensors.update({f"{_EXTRA}{k}": v.detach().cpu().contiguous() for k, v in (extra_tensors or {}).items()})
     opt_meta = [_flatten_optimizer(f"opt{i}", opt.state_dict(), tensors) for i, opt in enumerate(optimizers)]
     tensors["rng.torch"] = torch.get_rng_state()
     if torch.cuda.is_available():
@@ -119,6 +127,12 @@ def load_checkpoint(
     if "rng.cuda" in tensors and torch.cuda.is_available():
         torch.cuda.set_rng_state(tensors["rng.cuda"])
     return int(meta["step"]), json.loads(meta.get("extra", "{}"))
+
+
+def load_extra_tensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """The ``extra_tensors`` saved with a checkpoint (none for checkpoints written without them)."""
+    tensors, _ = read_safetensors(path, prefix=_EXTRA)
+    return {k.removeprefix(_EXTRA): v for k, v in tensors.items()}
 
 
 def checkpoint_path(directory: str | Path, step: int) -> Path:

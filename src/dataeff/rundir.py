@@ -5,6 +5,8 @@
 - ``metrics.jsonl``: one JSON object per logged step or evaluation,
 - ``checkpoints/step_*.safetensors``: model, optimizer and RNG state (exact resumption),
 - ``model.safetensors`` + ``tokenizer.json``: the final weights and the tokenizer that reads them,
+- with ``train.ema`` / ``train.snapshots``: ``model_ema.safetensors``, ``snapshots/step_*.safetensors`` and
+  ``model_swa.safetensors`` (their average), see :mod:`dataeff.averaging`,
 - ``DONE`` (final metrics) on success or ``FAILED`` (the reason) on failure; neither while incomplete.
 """
 

@@ -21,10 +21,11 @@ import torch
 import torch.distributed as tdist
 from tqdm.auto import tqdm
 
+from dataeff import averaging, dist
 from dataeff import checkpoint as ckpt
-from dataeff import dist
 from dataeff.config import config_hash, dump_yaml, from_dict, option, section, to_dict
 from dataeff.data import DataConfig
+from dataeff.distill import DistillConfig, make_teacher
 from dataeff.errors import DataeffError
 from dataeff.evaluate import evaluate
 from dataeff.fsutil import atomic_write_json
@@ -70,6 +71,10 @@ class TrainConfig:
     eval_batch_size: int = option(16, "sequences per evaluation forward pass")
     checkpoint_every: int = option(0, "steps between checkpoints (0: at every evaluation)")
     keep_checkpoints: int = option(2, "checkpoints kept on disk (the newest ones)")
+    ema: float = option(0.0, "EMA of the weights: decay per optimizer step, e.g. 0.999 (0: off); saved as model_ema.safetensors")
+    snapshots: int = option(0, "weight snapshots evenly spaced over the last snapshot_fraction of training, the last at "
+                               "the final step; with 2 or more, their average (SWA) and snapshot ensemble are scored")
+    snapshot_fraction: float = option(0.25, "share of the run, at its end, that train.snapshots spans")
     log_every: int = option(10, "steps between training-loss rows in metrics.jsonl")
     progress: bool = option(True, "show a progress bar")
 
@@ -82,6 +87,7 @@ class RunConfig:
     model: ModelConfig = section(ModelConfig, "model shape")
     optim: OptimConfig = section(OptimConfig, "optimizer and schedule")
     train: TrainConfig = section(TrainConfig, "training loop")
+    distill: DistillConfig = section(DistillConfig, "token-level distillation from a teacher model or ensemble")
 
 
 # Fields that do not change what a run computes: they are left out of its identity.
@@ -232,11 +238,19 @@ def _train(cfg: RunConfig, run_dir: Path, info: dist.DistInfo) -> dict[str, Any]
     prepared = _prepare_on_rank0(cfg, info)
     train_split, val_split = prepared.split("train"), prepared.split("val")
     model_cfg = dataclasses.replace(cfg.model, vocab_size=prepared.tokenizer.vocab_size).resolved()
-    order = EpochOrder(train_split.tokens, train_split.doc_offsets, model_cfg.seq_len, t.data_seed, t.shuffle)
+    tokens, doc_offsets = train_split.tokens, train_split.doc_offsets
+    if "synthetic" in prepared.splits:
+        # Sequence-level distillation: the teacher's samples join the real documents as more documents.
+        syn = prepared.split("synthetic")
+        tokens = np.concatenate([tokens, syn.tokens])
+        doc_offsets = np.concatenate([doc_offsets, syn.doc_offsets[1:] + train_split.n_tokens])
+    order = EpochOrder(tokens, doc_offsets, model_cfg.seq_len, t.data_seed, t.shuffle)
     plan = make_plan(cfg, order, info.world_size)
 
     model = Transformer(model_cfg, init_seed=t.init_seed).to(device)
     optimizers = build_optimizers(model, cfg.optim)
+    averager = averaging.RunAveraging(t, model, run_dir, plan.total_steps, metadata={"model": to_dict(model_cfg)},
+                                      active=info.is_main)
     params = count_parameters(model_cfg)
     ckpt_dir = run_dir / "checkpoints"
     log = MetricsLog(run_dir / "metrics.jsonl")
@@ -260,6 +274,14 @@ def _train(cfg: RunConfig, run_dir: Path, info: dist.DistInfo) -> dict[str, Any]
             }))
             prepared.tokenizer.save(run_dir / "tokenizer.json")
     dist.barrier(info)
+    teacher = None
+    if cfg.distill.teachers:
+        teacher = make_teacher(cfg.distill, run_dir, order, prepared.tokenizer, device, t.dtype, build=info.is_main,
+                               progress=t.progress and info.is_main)
+        if cfg.distill.teacher_cache == "topk" and info.distributed:
+            dist.barrier(info)
+            if not info.is_main:
+                teacher = make_teacher(cfg.distill, run_dir, order, prepared.tokenizer, device, t.dtype, build=False)
 
     _reseed(t.data_seed, info.rank, 0)
     # Peak rates come from the config: a checkpoint's param groups hold the scheduled rate of its step.
@@ -268,6 +290,7 @@ def _train(cfg: RunConfig, run_dir: Path, info: dist.DistInfo) -> dict[str, Any]
     found = ckpt.list_checkpoints(ckpt_dir)
     if found:
         start_step, _ = ckpt.load_checkpoint(found[-1][1], model, optimizers)
+        averager.load(found[-1][1])
         _reseed(t.data_seed, info.rank, start_step)
         if info.is_main:
             log.rewind(start_step)
@@ -299,16 +322,24 @@ def _train(cfg: RunConfig, run_dir: Path, info: dist.DistInfo) -> dict[str, Any]
                 group["lr"] = lr * mult
         first = step * plan.batch_seqs + info.rank * plan.per_rank
         batch = torch.from_numpy(order.samples(first, plan.per_rank)).to(device)
+        ids = order.window_ids(first, plan.per_rank) if teacher is not None and teacher.cache is not None else None
         loss_sum = torch.zeros((), device=device)
+        ce_sum = torch.zeros((), device=device)
         for m in range(plan.accum):
             chunk = batch[m * plan.micro : (m + 1) * plan.micro]
             sync = m == plan.accum - 1 or not info.distributed
             ctx = contextlib.nullcontext() if sync else fwd_model.no_sync()  # type: ignore[operator]
             with ctx, dist.autocast(device, t.dtype):
-                loss = fwd_model(chunk[:, :-1], chunk[:, 1:])
+                if teacher is None:
+                    loss = ce = fwd_model(chunk[:, :-1], chunk[:, 1:])
+                else:
+                    loss, ce = teacher.loss(fwd_model(chunk[:, :-1]), chunk[:, 1:], chunk[:, :-1],
+                                            None if ids is None else ids[m * plan.micro : (m + 1) * plan.micro])
             (loss / plan.accum).backward()
             loss_sum += loss.detach()
+            ce_sum += ce.detach()
         mean_loss = float(dist.all_reduce_mean(loss_sum / plan.accum, info))
+        mean_ce = mean_loss if teacher is None else float(dist.all_reduce_mean(ce_sum / plan.accum, info))
         if not math.isfinite(mean_loss):
             kept = ckpt.list_checkpoints(ckpt_dir)
             where = f"last good checkpoint {kept[-1][1]}" if kept else "no checkpoint was written yet"
@@ -324,6 +355,7 @@ def _train(cfg: RunConfig, run_dir: Path, info: dist.DistInfo) -> dict[str, Any]
             opt.zero_grad(set_to_none=True)
         last_loss = mean_loss
         done_steps = step + 1
+        averager.after_step(done_steps)
         bar.update(1)
         if info.is_main and (done_steps % t.log_every == 0 or done_steps == plan.total_steps):
             now = time.perf_counter()
@@ -331,13 +363,15 @@ def _train(cfg: RunConfig, run_dir: Path, info: dist.DistInfo) -> dict[str, Any]
             tick, tick_step = now, done_steps
             log.write({"step": done_steps, "epoch": done_steps * plan.batch_seqs / plan.windows_per_epoch,
                        "tokens": done_steps * tokens_per_step, "lr": cfg.optim.lr * mult, "train_loss": mean_loss,
+                       **({"train_ce": mean_ce} if teacher is not None else {}),
                        "grad_norm": float(grad_norm), "tok_s": tok_s, "flops": flops * done_steps * tokens_per_step})
             bar.set_postfix(loss=f"{mean_loss:.3f}", tok_s=f"{tok_s:,.0f}")
         if done_steps % plan.eval_every == 0 and done_steps < plan.total_steps and info.is_main:
             log.write({"step": done_steps, **evaluate_val(t.eval_tokens)})
         if done_steps % plan.checkpoint_every == 0 and done_steps < plan.total_steps:
             if info.is_main:
-                ckpt.save_checkpoint(ckpt.checkpoint_path(ckpt_dir, done_steps), model, optimizers, done_steps)
+                ckpt.save_checkpoint(ckpt.checkpoint_path(ckpt_dir, done_steps), model, optimizers, done_steps,
+                                     extra_tensors=averager.state())
                 ckpt.prune_checkpoints(ckpt_dir, t.keep_checkpoints)
             _reseed(t.data_seed, info.rank, done_steps)
             dist.barrier(info)
@@ -347,7 +381,8 @@ def _train(cfg: RunConfig, run_dir: Path, info: dist.DistInfo) -> dict[str, Any]
     if info.is_main:
         final = evaluate_val(t.final_eval_tokens)
         log.write({"step": plan.total_steps, **final})
-        ckpt.save_checkpoint(ckpt.checkpoint_path(ckpt_dir, plan.total_steps), model, optimizers, plan.total_steps)
+        ckpt.save_checkpoint(ckpt.checkpoint_path(ckpt_dir, plan.total_steps), model, optimizers, plan.total_steps,
+                             extra_tensors=averager.state())
         ckpt.prune_checkpoints(ckpt_dir, t.keep_checkpoints)
         ckpt.save_weights(run_dir / "model.safetensors", model, {"model": to_dict(model_cfg)})
         result = {
@@ -357,11 +392,14 @@ def _train(cfg: RunConfig, run_dir: Path, info: dist.DistInfo) -> dict[str, Any]
             "epochs": t.epochs,
             "tokens_seen": plan.total_steps * tokens_per_step,
             "train_tokens": train_split.n_tokens,
+            "synthetic_tokens": len(order.tokens) - train_split.n_tokens,
             "params": params["total"],
             "non_embedding_params": params["non_embedding"],
             "flops": flops * plan.total_steps * tokens_per_step,
             "unigram_entropy": prepared.meta.get("unigram_entropy"),
         }
+        result |= averager.finish(averaging.Heldout(val_split.tokens, val_split.n_bytes, val_split.n_words, plan.seq_len,
+                                                    t.eval_batch_size, t.final_eval_tokens, t.dtype))
         mark_done(run_dir, result)
     if info.distributed:
         box = [result]
