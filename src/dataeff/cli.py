@@ -122,6 +122,18 @@ def _sample(cfg: Any) -> None:
             print(json.dumps(row, ensure_ascii=False))
 
 
+def _ensemble(cfg: Any) -> None:
+    from dataeff.ensemble_train import train_ensemble
+
+    print(json.dumps(train_ensemble(cfg), indent=2))
+
+
+def _ensemble_config() -> type:
+    from dataeff.ensemble_train import EnsembleTrainConfig
+
+    return EnsembleTrainConfig
+
+
 def _sample_config() -> type:
     from dataeff.sample import SampleConfig
 
@@ -131,7 +143,9 @@ def _sample_config() -> type:
 COMMANDS = [
     Command("prepare", "tokenize a corpus into a content-addressed token store", _run_config, _prepare),
     Command("train", "train a model on a fixed token budget (resumes if interrupted)", _run_config, _train),
-    Command("eval", "held-out loss, bits per byte and word perplexity of a trained run", _eval_config, _eval, "run_dir"),
+    Command("eval", "held-out loss, bits per byte and word perplexity of a run or an ensemble (and tasks=[...])", _eval_config, _eval, "run_dir"),
+    Command("ensemble", "train K members that differ by seed, save ensemble.json and score every prefix ensemble",
+            _ensemble_config, _ensemble),
     Command("run", "run a pipeline: tune every recipe and size, fit scaling laws, write the report", _pipeline_config, _pipeline),
     Command("report", "write report.md and report.html for a pipeline root", _report_config, _report, "root"),
     Command("runs", "list, filter, sort and export the runs under a directory (indexed in ROOT/runs.sqlite)",

@@ -1,4 +1,5 @@
-"""``dataeff eval``: score a trained run on any split of its token store or on any text file."""
+"""``dataeff eval``: score a trained run or an ensemble on any split of its token store or on any text file,
+and optionally on downstream tasks."""
 
 from __future__ import annotations
 
@@ -15,28 +16,46 @@ from dataeff.dist import pick_device
 from dataeff.errors import DataeffError
 from dataeff.evaluate import evaluate
 from dataeff.model import ModelConfig, Transformer
-from dataeff.tokens import PreparedData, load_prepared, prepare, tokenize_file
+from dataeff.tokens import PreparedData, TokenSplit, load_prepared, prepare, tokenize_file
 
 
 @dataclass
 class EvalConfig:
-    run_dir: str = option("", "the run directory to evaluate (required)")
+    run_dir: str = option("", "the run directory to evaluate, or an ensemble.json (or set members)")
+    members: list[str] = option([], "run directories of an ensemble's members, scored by probability and logit "
+                                    "averaging (and its saved weights, for an ensemble.json)")
     split: str = option("val", "split of the run's token store to score (train, val, test)")
     file: str | None = option(None, "score this text file instead of a split (documents as the corpus separates them)")
-    checkpoint: str | None = option(None, "weights to score (default: the run's final model.safetensors)")
+    checkpoint: str | None = option(None, "weights to score (default: the run's final model.safetensors; also "
+                                          "model_ema.safetensors, model_swa.safetensors, snapshots/ or checkpoints/ files)")
     max_tokens: int | None = option(None, "score at most this many tokens (default: all)")
     batch_size: int = option(16, "sequences per forward pass")
     dtype: str = option("bf16", "bf16 or fp32")
     device: str = option("auto", "auto, cpu, cuda or mps")
+    tasks: list[str] = option([], "also score these downstream tasks (arc_easy, arc_challenge, piqa, hellaswag, "
+                                  "blimp, lambada_openai) from DATAEFF_DATA_DIR")
+    limit: int | None = option(None, "tasks: at most this many items per task (a seeded random subset)")
+
+
+def model_config(run_dir: str | Path) -> ModelConfig:
+    """The model config a run directory's manifest records."""
+    run_dir = Path(run_dir)
+    manifest = run_dir / "manifest.json"
+    if not manifest.exists():
+        raise DataeffError(f"{run_dir}: not a dataeff run directory (no manifest.json)")
+    try:
+        data = json.loads(manifest.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataeffError(f"{manifest}: malformed JSON ({e})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("model"), dict):
+        raise DataeffError(f"{manifest}: no 'model' entry (the run's model config)")
+    return from_dict(ModelConfig, data["model"], source=str(manifest))
 
 
 def load_model(run_dir: str | Path, weights: str | Path | None = None, device: str = "cpu") -> Transformer:
     """The trained model of a run directory: its final weights, or those of a given checkpoint file."""
     run_dir = Path(run_dir)
-    manifest = run_dir / "manifest.json"
-    if not manifest.exists():
-        raise DataeffError(f"{run_dir}: not a dataeff run directory (no manifest.json)")
-    model_cfg = from_dict(ModelConfig, json.loads(manifest.read_text())["model"], source=str(manifest))
+    model_cfg = model_config(run_dir)
     path = Path(weights) if weights else run_dir / "model.safetensors"
     if not path.exists():
         raise DataeffError(f"{path}: not found (is the run finished? `dataeff train` resumes it)")
@@ -60,19 +79,47 @@ def run_prepared(run_dir: str | Path) -> PreparedData:
     return prepare(cfg.data, cfg.tokenizer, progress=False)
 
 
-def run_eval(cfg: EvalConfig) -> dict[str, Any]:
-    if not cfg.run_dir:
-        raise DataeffError("eval: run_dir is required, e.g. `dataeff eval run_dir=runs/abc123`")
-    model = load_model(cfg.run_dir, cfg.checkpoint, cfg.device)
-    prepared = run_prepared(cfg.run_dir)
+def _split(cfg: EvalConfig, prepared: PreparedData) -> tuple[TokenSplit, str]:
     if cfg.file:
-        split = tokenize_file(prepared, cfg.file)
-        source = cfg.file
-    else:
-        if cfg.split not in prepared.splits:
-            raise DataeffError(f"eval.split: {cfg.split!r} is not in the run's token store (has {', '.join(prepared.splits)})")
-        split = prepared.split(cfg.split)
-        source = cfg.split
+        return tokenize_file(prepared, cfg.file), cfg.file
+    if cfg.split not in prepared.splits:
+        raise DataeffError(f"eval.split: {cfg.split!r} is not in the run's token store (has {', '.join(prepared.splits)})")
+    return prepared.split(cfg.split), cfg.split
+
+
+def run_eval(cfg: EvalConfig) -> dict[str, Any]:
+    if bool(cfg.run_dir) == bool(cfg.members):
+        raise DataeffError("eval: give a run directory or ensemble.json (`dataeff eval runs/abc123`) or members=[...]")
+    ensemble = list(cfg.members) or ([cfg.run_dir] if cfg.run_dir.endswith(".json") else [])
+    out = _eval_ensemble(cfg, ensemble) if ensemble else _eval_model(cfg)
+    if cfg.tasks:
+        from dataeff.tasks import TasksConfig, run_tasks
+
+        tasks = run_tasks(TasksConfig(run_dir="" if ensemble else cfg.run_dir, members=ensemble,
+                                      tasks=list(cfg.tasks), limit=cfg.limit, device=cfg.device, progress=False))
+        out["tasks"] = tasks["tasks"]
+    return out
+
+
+def _eval_ensemble(cfg: EvalConfig, source: list[str]) -> dict[str, Any]:
+    from dataeff.ensemble import evaluate_ensemble, resolve_members
+
+    if cfg.checkpoint:
+        raise DataeffError("eval.checkpoint: an ensemble is scored with its members' final weights")
+    members, _ = resolve_members(source)
+    split, where = _split(cfg, run_prepared(members[0]))
+    ev = evaluate_ensemble(source, split, batch_size=cfg.batch_size, max_tokens=cfg.max_tokens, dtype=cfg.dtype,
+                           device=cfg.device)
+    d = ev.to_dict()
+    return {"members": members, "source": where, "prob": d["prob"][-1], "logit": d["logit"][-1],
+            "weighted": d["weighted"], "weights": d["weights"], "by_k": {"k": d["k"], "prob": d["prob"],
+                                                                          "logit": d["logit"]},
+            "members_alone": d["members"]}
+
+
+def _eval_model(cfg: EvalConfig) -> dict[str, Any]:
+    model = load_model(cfg.run_dir, cfg.checkpoint, cfg.device)
+    split, source = _split(cfg, run_prepared(cfg.run_dir))
     with torch.inference_mode():
         result = evaluate(model, split.tokens, n_bytes=split.n_bytes, n_words=split.n_words, seq_len=model.cfg.seq_len,
                           batch_size=cfg.batch_size, max_tokens=cfg.max_tokens, dtype=cfg.dtype)
