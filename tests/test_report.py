@@ -121,14 +121,92 @@ def make_results(root: Path) -> dict[str, Any]:
     }
 
 
+# The K-law (E_N, A, alpha) of each size's prob-averaged ensembles of K = 1..4 members: one member (trained by
+# the paper's rule) is worse than the tuned single model, four are better. Logit averaging is LOGIT_GAP·(K - 1)
+# worse (equal at K = 1, where both are the one member), and micro was scored without it.
+K_LAWS = {"micro": (3.46, 0.30, 0.8), "mini": (3.42, 0.28, 0.8), "small": (3.39, 0.25, 0.8)}
+LOGIT_GAP = 0.0035
+JOINT = {"E": 3.3612, "E_ci": [3.3305, 3.3887]}  # below every E_N and the regularized asymptote
+STUDENTS = [("sequence-level", "sequence", 3.5163), ("token-level", "token", 3.5250), ("self-distillation", "self", math.inf)]
+TASK_RESULTS = {  # (acc, acc_stderr) of the single model; the ensemble and the student add 0.04 and 0.02 to acc
+    "blimp": {"n": 500, "chance": 0.5, "acc": 0.662, "acc_stderr": 0.0212, "paradigms": {"anaphor_gender_agreement": 0.7}},
+    "arc_easy": {"n": 500, "chance": 0.25, "acc": 0.394, "acc_stderr": 0.0219, "acc_norm": 0.352, "acc_norm_stderr": 0.0214},
+    "lambada_openai": {"n": 500, "chance": 0.0, "acc": 0.118, "acc_stderr": 0.0144, "perplexity": 412.7},
+}
+
+
+def k_fit(size: str, rng: np.random.Generator) -> dict[str, Any]:
+    e, a, alpha = K_LAWS[size]
+    ks = [1.0, 2.0, 3.0, 4.0]
+    return {"x": ks, "y": [round(law(e, a, alpha, k), 4) for k in ks], "E": e, "A": a, "alpha": alpha,
+            "E_ci": [e - 0.03, e + 0.03], "A_ci": [a * 0.9, a * 1.1], "alpha_ci": [alpha - 0.1, alpha + 0.1],
+            "method": "residual", "n_boot": 200, "summary": "...", "replicates": replicates(e, a, alpha, rng)}
+
+
+def add_ensembles(results: dict[str, Any], root: Path) -> dict[str, Any]:
+    """The ensemble, distillation and downstream sections of results.json, for the regularized models above."""
+    rng = np.random.default_rng(1)
+    single = {t["size"]: t for t in results["tuned"] if t["recipe"] == "regularized"}
+    per_size = {}
+    for size, (e, a, alpha) in K_LAWS.items():
+        prob = [round(law(e, a, alpha, k), 4) for k in (1, 2, 3, 4)]
+        best = single[size]["best"]
+        per_size[size] = {
+            "params": PARAMS[size], "single_loss": single[size]["best_loss"],
+            "member_values": {**best, "train.epochs": 2 * best["train.epochs"], "optim.weight_decay": best["optim.weight_decay"] / 2},
+            "K": [1, 2, 3, 4], "prob": prob,
+            # At K = 1 the two combinations agree up to float noise (the members' own loss).
+            "logit": None if size == "micro" else [p + 1e-12 if k == 0 else round(p + LOGIT_GAP * k, 4) for k, p in enumerate(prob)],
+            "weighted": prob[-1] - 0.002, "weights": [0.31, 0.27, 0.22, 0.2],
+            "member_losses": [prob[0] + d for d in (0.0, 0.004, -0.003, 0.002)], "k_fit": k_fit(size, rng),
+            "ensemble_file": str(root / "ensembles" / size / "ensemble.json"),
+            "members": [str(root / "runs" / f"member-{size}-{i}") for i in range(4)],
+        }
+    results["ensembles"] = {"combine": "prob", "rule": "paper", "vary": "both", "per_size": per_size,
+                            "joint_limit": {**JOINT, "n_fit": {"E": JOINT["E"], "A": 8.0, "alpha": 0.31},
+                                            "E_N": {s: k_law[0] for s, k_law in K_LAWS.items()}, "params": PARAMS, "summary": "..."}}
+    results["config"]["ensembles"] = {"recipe": "regularized", "epochs_factor": 2.0, "weight_decay_factor": 0.5}
+    # As the other multipliers: the token law's inverse at the loss, over the world budget.
+    ds = results["data_scaling"]
+    reach = [(ds["A"] / (e - ds["E"])) ** (1 / ds["alpha"]) / WORLD for e in (JOINT["E"], *JOINT["E_ci"])]
+    results["multipliers"]["ensemble joint limit"] = {"loss": JOINT["E"], "interpolated": None,
+                                                      "interpolated_note": "outside the measured budgets (not extrapolated)",
+                                                      "power_law": reach[0], "power_law_ci": [reach[2], reach[1]]}
+    mini = per_size["mini"]
+    gain = mini["single_loss"] - mini["prob"][-1]
+    results["distillation"] = {
+        "size": "mini", "params": PARAMS["mini"], "single_loss": mini["single_loss"], "ensemble_loss": mini["prob"][-1],
+        "teacher": {"K": 4, "loss": mini["prob"][-1], "combine": "prob", "ensemble_file": mini["ensemble_file"]},
+        "students": [{"name": name, "kind": kind, "loss": loss,
+                      "retained": (mini["single_loss"] - loss) / gain if math.isfinite(loss) else None,
+                      "details": {"sequence": {"synthetic_share": 0.75}, "token": {"kl_weight": 0.5, "temperature": 1.0},
+                                  "self": {"step": 1, "teacher": mini["members"][0], "kl_weight": 0.5, "temperature": 1.0}}[kind],
+                      "run_dir": str(root / "runs" / f"student-{kind}"), "error": None if math.isfinite(loss) else OOM}
+                     for name, kind, loss in STUDENTS],
+    }
+
+    def scored(shift: float, tasks: Any = TASK_RESULTS) -> dict[str, Any]:
+        return {task: {**r, "acc": r["acc"] + shift} for task, r in tasks.items()}
+
+    results["downstream"] = {"size": "mini", "tasks": list(TASK_RESULTS), "limit": 500, "models": [
+        {"label": "single mini", "kind": "single", "results": scored(0.0)},
+        {"label": "ensemble mini ×4", "kind": "ensemble", "results": scored(0.04)},
+        # This student's LAMBADA evaluation is missing: its cells say so rather than shifting the others.
+        {"label": "student: sequence-level", "kind": "student",
+         "results": scored(0.02, {t: r for t, r in TASK_RESULTS.items() if t != "lambada_openai"})},
+    ]}
+    return results
+
+
 def write(root: Path, results: dict[str, Any]) -> None:
     root.mkdir(parents=True, exist_ok=True)
     # Same serialisation as the pipeline: failed losses become Infinity.
     (root / "results.json").write_text(json.dumps(results, indent=2), encoding="utf-8")
 
 
-def make_root(root: Path) -> Path:
-    write(root, make_results(root))
+def make_root(root: Path, *, ensembles: bool = True) -> Path:
+    results = make_results(root)
+    write(root, add_ensembles(results, root) if ensembles else results)
     best = root / "runs" / "reg-small"
     best.mkdir(parents=True)
     rows = [{"step": s, "train_loss": 5.0 - s / 100} for s in range(10, 101, 10)] + [{"step": 50, "val_loss": 4.7},
@@ -144,15 +222,31 @@ def report(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Pa
     return root, write_report(root)
 
 
+FIGURES = ("overfitting", "loss_vs_params", "data_efficiency", "loss_vs_k", "loss_vs_total_params", "training_curves")
+HEADINGS = ["# Report: tiny-world", "## Verdict", "## Runs", "## Overfitting without regularisation", "## Loss vs parameters",
+            "## Scaling-law fits", "## Data efficiency", "## Tuned hyperparameters", "### Tuned hyperparameters: regularized",
+            "### Tuned hyperparameters: standard", "## Failed runs", "## Training curves"]
+
+
+def headings(md: str) -> list[str]:
+    return [line for line in md.splitlines() if line.startswith("#")]
+
+
+def html_cells(page: str, first: str) -> list[str]:
+    """The cell texts of the first HTML table row whose first cell is ``first``."""
+    row = next(r for r in re.findall(r"<tr>(.*?)</tr>", page) if re.match(rf"<td[^>]*>{re.escape(first)}</td>", r))
+    return re.findall(r"<td[^>]*>(.*?)</td>", row)
+
+
 def test_writes_valid_pngs_markdown_and_html(report: tuple[Path, dict[str, Path]]) -> None:
     root, paths = report
-    assert set(paths) == {"overfitting", "loss_vs_params", "data_efficiency", "training_curves", "markdown", "html"}
-    for name in ("overfitting", "loss_vs_params", "data_efficiency", "training_curves"):
+    assert set(paths) == {*FIGURES, "markdown", "html"}
+    for name in FIGURES:
         data = paths[name].read_bytes()
         assert paths[name].parent == root / "report"
         assert data.startswith(PNG_MAGIC) and len(data) > 10_000
     md = paths["markdown"].read_text(encoding="utf-8")
-    for name in ("overfitting", "loss_vs_params", "data_efficiency", "training_curves"):
+    for name in FIGURES:
         assert f"]({name}.png)" in md
     assert not list((root / "report").glob(".*.tmp"))
     assert paths["html"].stat().st_mode & 0o777 == 0o644
@@ -194,7 +288,7 @@ def test_markdown_has_the_numbers(report: tuple[Path, dict[str, Path]]) -> None:
 def test_html_is_self_contained_with_the_same_numbers(report: tuple[Path, dict[str, Path]]) -> None:
     page = report[1]["html"].read_text(encoding="utf-8")
     sources = re.findall(r'src="([^"]*)"', page)
-    assert len(sources) == 4 and all(s.startswith("data:image/png;base64,") for s in sources)
+    assert len(sources) == len(FIGURES) and all(s.startswith("data:image/png;base64,") for s in sources)
     assert "<link" not in page and "<script" not in page
     assert "3.4321 [3.3987, 3.4655]" in page and "6.76x [4.91x, 9.87x]" in page
     assert html.escape(VERDICT[0]) in page and DIVERGED in page
@@ -286,3 +380,173 @@ def test_band_is_the_pointwise_interval_of_the_replicate_curves() -> None:
     # Far out the curve is E, so the band narrows to E's own spread (sd 0.015: a 90% width near 0.05).
     assert 0.03 < hi[-1] - lo[-1] < 0.07
     assert _band({"replicates": {"E": [], "A": [], "alpha": []}}, x, 0.95) is None
+
+
+def test_sections_sit_between_data_efficiency_and_tuned_hyperparameters(report: tuple[Path, dict[str, Path]]) -> None:
+    md = report[1]["markdown"].read_text(encoding="utf-8")
+    new = ["## Ensemble scaling", "### Probability vs logit averaging", "## Single models vs ensembles", "## Distillation",
+           "## Downstream tasks"]
+    at = HEADINGS.index("## Tuned hyperparameters")
+    assert headings(md) == [*HEADINGS[:at], *new, *HEADINGS[at:]]
+    for name in ("loss_vs_k", "loss_vs_total_params"):
+        assert f"![{name.replace('_', ' ')}]({name}.png)" in md
+    # The captions say how members were built and combined (the paper rule's factors come from the config).
+    assert "K-law E + A·K^-α fitted on probability averaging" in md
+    assert "2× the epochs and 0.5× the weight decay of the tuned regularized model" in md
+    assert "the joint limit with both N and K taken to infinity" in md
+
+
+def test_ensemble_tables_have_the_numbers(report: tuple[Path, dict[str, Path]]) -> None:
+    page = report[1]["html"].read_text(encoding="utf-8")
+    results = json.loads((report[0] / "results.json").read_text())
+    mini = results["ensembles"]["per_size"]["mini"]
+    e, _, alpha = K_LAWS["mini"]
+    # One row per size: member knobs by the paper rule, the losses at K = 4 and the K-law's E_N and alpha.
+    assert ('<td title="ensembles/mini/ensemble.json">mini</td><td>4M</td><td>epochs=16, LR=3e-3, WD=0.8</td>'
+            f"<td>{mini['single_loss']:.4f}</td>"
+            f'<td title="members: {", ".join(f"{m:.4f}" for m in mini["member_losses"])}">{np.mean(mini["member_losses"]):.4f}</td>'
+            f"<td>4</td><td>{mini['prob'][3]:.4f}</td><td>{mini['logit'][3]:.4f}</td>"
+            f'<td title="weights 0.310, 0.270, 0.220, 0.200">{mini["weighted"]:.4f}</td>'
+            f"<td>{e:.4f} [{e - 0.03:.4f}, {e + 0.03:.4f}]</td><td>{alpha:g} [{alpha - 0.1:g}, {alpha + 0.1:g}]</td>") in page
+    assert html_cells(page, "micro")[7] == "—"  # micro was scored without logit averaging
+
+    md = report[1]["markdown"].read_text(encoding="utf-8")
+    table = md.split("### Probability vs logit averaging")[1].split("##")[0]
+    diffs = " | ".join(f"{p - q:+.4f}" for p, q in zip(mini["prob"][1:], mini["logit"][1:], strict=True))
+    assert f"| mini | +0.0000 | {diffs} |" in table and "-0.0105" in diffs
+    assert "| micro |" not in table  # scored without logit averaging
+    # The joint limit with its multiplier, which also joins the multipliers table.
+    m = results["multipliers"]["ensemble joint limit"]
+    multiplier = f"{m['power_law']:.2f}x [{m['power_law_ci'][0]:.2f}x, {m['power_law_ci'][1]:.2f}x]"
+    lo, hi = JOINT["E_ci"]
+    assert f"| {JOINT['E']:.4f} [{lo:.4f}, {hi:.4f}] | 8 | 0.31 | {multiplier} | —[^" in md
+    assert f"| ensemble joint limit | {JOINT['E']:.4f} | {multiplier} | —[^" in md
+
+
+def test_distillation_table_has_the_retained_share(report: tuple[Path, dict[str, Path]]) -> None:
+    md = report[1]["markdown"].read_text(encoding="utf-8")
+    section = md.split("## Distillation")[1].split("\n## ")[0]
+    d = json.loads((report[0] / "results.json").read_text())["distillation"]
+    assert "Retained = (L_single − L_student) / (L_single − L_ensemble)" in section and "retains 83%" in section
+    assert "| teacher: 4-member mini ensemble[^" in section and f"| ensemble (probability averaging) | {d['ensemble_loss']:.4f} | 100.0% |" in section
+    assert f"| single mini (tuned) | single | {d['single_loss']:.4f} | 0.0% |" in section
+    for name, kind, loss in STUDENTS[:2]:
+        retained = (d["single_loss"] - loss) / (d["single_loss"] - d["ensemble_loss"])
+        assert re.search(rf"\| {name}\[\^\d+\] \| {kind} \| {loss:.4f} \| {100 * retained:.1f}% \|", section)
+    assert "| synthetic_share=0.75 |" in section and "| kl_weight=0.5, temperature=1 |" in section
+    # The chain's teacher is a run directory, shown relative to the report's root.
+    assert "step=1, teacher=runs/member-mini-0, kl_weight=0.5, temperature=1 |" in section
+    failed = re.search(r"\| self-distillation\[\^\d+\] \| self \| failed\[\^(\d+)\] \| — \|", section)
+    assert failed and f"[^{failed[1]}]: {OOM}" in section
+
+
+def test_downstream_table_has_one_column_per_task_metric(report: tuple[Path, dict[str, Path]]) -> None:
+    md = report[1]["markdown"].read_text(encoding="utf-8")
+    section = md.split("## Downstream tasks")[1].split("\n## ")[0]
+    assert ("| model | kind | blimp acc (%) | arc_easy acc (%) | arc_easy acc_norm (%) | lambada_openai acc (%) "
+            "| lambada_openai perplexity |") in section
+    assert "at most 500 items per task" in section
+    assert "blimp 500 items, chance 50.0%; arc_easy 500 items, chance 25.0%; lambada_openai 500 items, chance 0.0%" in section
+    arc, blimp, lam = TASK_RESULTS["arc_easy"], TASK_RESULTS["blimp"], TASK_RESULTS["lambada_openai"]
+
+    def pct(v: float, se: float) -> str:
+        return f"{100 * v:.1f} ± {100 * se:.1f}"
+
+    assert (f"| ensemble mini ×4 | ensemble | {pct(blimp['acc'] + 0.04, blimp['acc_stderr'])} | "
+            f"{pct(arc['acc'] + 0.04, arc['acc_stderr'])} | {pct(arc['acc_norm'], arc['acc_norm_stderr'])} | "
+            f"{pct(lam['acc'] + 0.04, lam['acc_stderr'])} | {lam['perplexity']:g} |") in section
+    assert "| student: sequence-level | student | " in section and section.count("| — | — |") == 1
+    assert "paradigms" not in section and "anaphor" not in section
+
+
+def test_without_the_new_sections_the_report_is_unchanged(tmp_path: Path) -> None:
+    root = make_root(tmp_path)
+    write_report(root)
+    write(root, make_results(root))
+    paths = write_report(root)
+    assert set(paths) == {*FIGURES, "markdown", "html"} - {"loss_vs_k", "loss_vs_total_params"}
+    # The earlier report's ensemble figures are gone, and no section mentions ensembles.
+    assert not (root / "report" / "loss_vs_k.png").exists() and not (root / "report" / "loss_vs_total_params.png").exists()
+    md = paths["markdown"].read_text(encoding="utf-8")
+    assert headings(md) == HEADINGS
+    assert "ensemble" not in md.lower() and "joint limit" not in md
+    assert "each recipe's asymptote (dashed) and best measured loss (dotted)" in md
+
+
+def test_failed_and_refused_ensembles_are_reported(tmp_path: Path) -> None:
+    root = make_root(tmp_path)
+    write_report(root)
+    results = json.loads((root / "results.json").read_text())
+    per_size = results["ensembles"]["per_size"]
+    failure = "2 of 4 members failed: worker killed: out of memory"
+    small = per_size["small"]
+    per_size["small"] = {k: small[k] for k in ("params", "single_loss", "member_values", "members")} | {"error": failure}
+    for size in ("micro", "mini"):
+        per_size[size]["k_fit"] = {"refused": "power-law fit needs at least 3 distinct x values, got 2", "x": [], "y": []}
+    # The report orders sizes by parameters, whatever order results.json has them in.
+    results["ensembles"]["per_size"] = dict(reversed(per_size.items()))
+    results["ensembles"]["joint_limit"] = {"refused": "joint_limit needs at least 3 model sizes for the N-law, got 1"}
+    write(root, results)
+    paths = write_report(root)
+    md = paths["markdown"].read_text(encoding="utf-8")
+    assert "loss_vs_k" in paths and "loss_vs_total_params" in paths
+    assert "small not drawn (2 of 4 members failed" in md and "micro, mini: K-law refused (power-law fit needs" in md
+    kept = md.split("| size | N | member knobs")[1].split("\n\n")[0]
+    assert kept.index("| micro") < kept.index("| mini") < kept.index("| small")
+    row = re.search(r"\| small \| 16M \| epochs=8, LR=3e-3, WD=1.6 \| \d\.\d{4} \| failed\[\^(\d+)\] \| — \| — \| — \| — \| — \| — \|", md)
+    assert row and f"[^{row[1]}]: {failure}" in md
+    assert re.search(r"\| mini\[\^\d+\] \| 4M \|.*\| refused\[\^\d+\] \| — \|", md)
+    assert "No joint limit: joint_limit needs at least 3 model sizes for the N-law, got 1." in md
+
+    for e in per_size.values():
+        if "prob" in e:
+            e["prob"] = [math.inf] * len(e["prob"])
+    write(root, results)
+    paths = write_report(root)
+    md = paths["markdown"].read_text(encoding="utf-8")
+    assert "loss_vs_k" not in paths and not (root / "report" / "loss_vs_k.png").exists()
+    assert "loss_vs_total_params" not in paths and not (root / "report" / "loss_vs_total_params.png").exists()
+    assert "Ensemble-scaling figure skipped" in md and "Single-models-vs-ensembles figure skipped" in md
+
+
+def _set(path: str, value: Any) -> Any:
+    """A change to results.json: ``value`` at the dotted ``path`` (list indices as numbers)."""
+    def apply(results: dict[str, Any]) -> None:
+        *parents, last = [int(k) if k.isdigit() else k for k in path.split(".")]
+        obj: Any = results
+        for k in parents:
+            obj = obj[k]
+        if value is _DELETE:
+            del obj[last]
+        else:
+            obj[last] = value
+    return apply
+
+
+_DELETE = object()
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (_set("ensembles", []), "field ensembles is"),
+        (_set("ensembles.per_size.mini.prob", "3.4"), "field ensembles.per_size.mini.prob is"),
+        (_set("ensembles.per_size.mini.logit", [3.5, 3.4]), "field ensembles.per_size.mini.logit has 2 losses for 4 values of K"),
+        (_set("ensembles.per_size.mini.K", []), "field ensembles.per_size.mini.K is empty"),
+        (_set("ensembles.per_size.small.weighted", "best"), "field ensembles.per_size.small.weighted is missing or not a float or null"),
+        (_set("ensembles.per_size.micro.k_fit.E", _DELETE), "field ensembles.per_size.micro.k_fit.E"),
+        (_set("ensembles.joint_limit.E_ci", [3.1]), "field ensembles.joint_limit.E_ci"),
+        (_set("distillation.teacher", None), "field distillation.teacher is"),
+        (_set("distillation.students.1.loss", "3.48"), "field distillation.students[1].loss"),
+        (_set("downstream.models.0.results.arc_easy.n", _DELETE), "field downstream.models[0].results.arc_easy.n"),
+        (_set("downstream.tasks", ["blimp", 3]), "field downstream.tasks"),
+    ],
+)
+def test_malformed_new_sections_name_the_field(tmp_path: Path, change: Any, message: str) -> None:
+    results = add_ensembles(make_results(tmp_path), tmp_path)
+    change(results)
+    write(tmp_path, results)
+    with pytest.raises(DataeffError) as err:
+        write_report(tmp_path)
+    assert str(tmp_path / "results.json") in str(err.value) and message in str(err.value)
+    assert not (tmp_path / "report" / "report.md").exists()

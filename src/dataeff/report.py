@@ -2,7 +2,9 @@
 
 It mirrors "Pre-training under infinite compute": loss vs epochs per weight decay (why regularisation wins),
 loss vs parameters with fitted asymptotes and bootstrap bands, the data-scaling baseline that turns losses
-into data-efficiency multipliers, and the tuned hyperparameters with their local-optimality certificates.
+into data-efficiency multipliers, ensemble scaling (loss vs members K, single models vs ensembles at equal
+total parameters, the joint N, K -> infinity limit), distillation into one model, downstream accuracy, and the
+tuned hyperparameters with their local-optimality certificates.
 The report is built once as a list of blocks and rendered twice, so Markdown and HTML never disagree.
 """
 
@@ -29,11 +31,16 @@ from dataeff.errors import DataeffError
 from dataeff.fsutil import atomic_path, read_jsonl
 
 _DPI = 120
-_FIGURES = ("overfitting", "loss_vs_params", "data_efficiency", "training_curves")
+_FIGURES = ("overfitting", "loss_vs_params", "data_efficiency", "loss_vs_k", "loss_vs_total_params", "training_curves")
 _KNOB_LABELS = {"train.epochs": "epochs", "optim.lr": "LR", "optim.weight_decay": "WD"}
 _TUNED_KEYS = {"recipe": str, "size": str, "params": int, "budget": int, "best": dict, "best_loss": float,
                "certified": bool, "evaluations": list}
 _MISSING = "—"
+_COMBINE = {"prob": "probability averaging", "logit": "logit averaging"}
+_VARY = {"both": "initialisation and data order", "init": "initialisation only", "data": "data order only"}
+_JOINT_MULTIPLIER = "ensemble joint limit"
+_JOINT_COLOR = "darkmagenta"
+_PAPER_RETAINED = 0.83  # Kim et al.: an 8x smaller distilled student keeps 83% of the ensembling gain
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -52,22 +59,15 @@ def _load(path: Path) -> dict[str, Any]:
     except json.JSONDecodeError as e:
         raise DataeffError(f"{path}: malformed JSON ({e.msg} at line {e.lineno})") from None
 
-    def need(obj: Any, key: str, kind: type, where: str) -> None:
-        value = obj.get(key)
-        # JSON keeps no int/float distinction a writer can rely on (a loss of exactly 3 is written 3).
-        ok = isinstance(value, kind) or (kind is float and isinstance(value, int)) or (kind is int and isinstance(value, float))
-        if not ok or (kind is not bool and isinstance(value, bool)):
-            raise DataeffError(f"{path}: field {where}{key} is missing or not a {kind.__name__}")
-
     if not isinstance(doc, dict):
         raise DataeffError(f"{path}: expected a JSON object at the top level")
     for key, kind in (("name", str), ("world_tokens", int), ("tuned", list), ("fits", dict), ("verdict", list)):
-        need(doc, key, kind, "")
+        _need(path, doc, key, kind, "")
     for i, entry in enumerate(doc["tuned"]):
         if not isinstance(entry, dict):
             raise DataeffError(f"{path}: field tuned[{i}] is not an object")
         for key, kind in _TUNED_KEYS.items():
-            need(entry, key, kind, f"tuned[{i}].")
+            _need(path, entry, key, kind, f"tuned[{i}].")
     for section in ("data_scaling", "multipliers"):
         if not isinstance(doc.get(section, {}), dict):
             raise DataeffError(f"{path}: field {section} is not an object")
@@ -75,8 +75,8 @@ def _load(path: Path) -> dict[str, Any]:
         for j, ev in enumerate(entry["evaluations"]):
             if not isinstance(ev, dict):
                 raise DataeffError(f"{path}: field tuned[{i}].evaluations[{j}] is not an object")
-            need(ev, "values", dict, f"tuned[{i}].evaluations[{j}].")
-            need(ev, "loss", float, f"tuned[{i}].evaluations[{j}].")
+            _need(path, ev, "values", dict, f"tuned[{i}].evaluations[{j}].")
+            _need(path, ev, "loss", float, f"tuned[{i}].evaluations[{j}].")
     for label, m in doc.get("multipliers", {}).items():
         if not isinstance(m, dict):
             raise DataeffError(f"{path}: field multipliers.{label} is not an object")
@@ -86,8 +86,124 @@ def _load(path: Path) -> dict[str, Any]:
         if not isinstance(row, dict):
             raise DataeffError(f"{path}: field overfitting[{i}] is not an object")
         for key in ("optim.weight_decay", "train.epochs", "loss"):
-            need(row, key, float, f"overfitting[{i}].")
+            _need(path, row, key, float, f"overfitting[{i}].")
+    # Optional sections of later pipeline stages: absent (or null) when the stage did not run.
+    for key, check in (("ensembles", _check_ensembles), ("distillation", _check_distillation), ("downstream", _check_downstream)):
+        if doc.get(key) is not None:
+            check(path, doc[key])
     return doc
+
+
+def _need(path: Path, obj: dict[str, Any], key: str, kind: type, where: str, *, nullable: bool = False) -> Any:
+    """``obj[key]`` if it is a ``kind`` (or null, when ``nullable``); otherwise an error naming the field."""
+    value = obj.get(key)
+    if nullable and value is None:
+        return None
+    # JSON keeps no int/float distinction a writer can rely on (a loss of exactly 3 is written 3).
+    ok = isinstance(value, kind) or (kind is float and isinstance(value, int)) or (kind is int and isinstance(value, float))
+    if not ok or (kind is not bool and isinstance(value, bool)):
+        raise DataeffError(f"{path}: field {where}{key} is missing or not a {kind.__name__}" + (" or null" if nullable else ""))
+    return value
+
+
+def _numbers(path: Path, obj: dict[str, Any], key: str, where: str, *, nullable: bool = False) -> list[float] | None:
+    values = _need(path, obj, key, list, where, nullable=nullable)
+    if values is not None and not all(isinstance(v, int | float) and not isinstance(v, bool) for v in values):
+        raise DataeffError(f"{path}: field {where}{key} is not a list of numbers")
+    return values
+
+
+def _object(path: Path, value: Any, where: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise DataeffError(f"{path}: field {where} is missing or not an object")
+    return value
+
+
+def _check_fit(path: Path, fit: Any, where: str) -> None:
+    """A fit as pipeline._fit_with_intervals writes it: its parameters, or the reason it was refused."""
+    _object(path, fit, where)
+    if "refused" in fit:
+        _need(path, fit, "refused", str, f"{where}.")
+        return
+    for key in ("E", "A", "alpha"):
+        _need(path, fit, key, float, f"{where}.")
+
+
+def _check_ensembles(path: Path, ens: Any) -> None:
+    _object(path, ens, "ensembles")
+    _need(path, ens, "combine", str, "ensembles.")
+    _need(path, ens, "rule", str, "ensembles.")
+    for size, e in _need(path, ens, "per_size", dict, "ensembles.").items():
+        where = f"ensembles.per_size.{size}"
+        _object(path, e, where)
+        _need(path, e, "params", int, f"{where}.")
+        _need(path, e, "single_loss", float, f"{where}.")
+        _need(path, e, "member_values", dict, f"{where}.")
+        # A size whose members failed has the error instead of losses and a K-law.
+        if _need(path, e, "error", str, f"{where}.", nullable=True) is not None and "prob" not in e:
+            continue
+        ks = _numbers(path, e, "K", f"{where}.") or []
+        if not ks:
+            raise DataeffError(f"{path}: field {where}.K is empty")
+        for key in ("prob", "logit"):
+            losses = _numbers(path, e, key, f"{where}.", nullable=key == "logit")
+            if losses is not None and len(losses) != len(ks):
+                raise DataeffError(f"{path}: field {where}.{key} has {len(losses)} losses for {len(ks)} values of K")
+        _need(path, e, "weighted", float, f"{where}.", nullable=True)
+        _numbers(path, e, "weights", f"{where}.", nullable=True)
+        _numbers(path, e, "member_losses", f"{where}.")
+        _need(path, e, "ensemble_file", str, f"{where}.", nullable=True)
+        _check_fit(path, e.get("k_fit"), f"{where}.k_fit")
+    joint = ens.get("joint_limit")
+    if joint is None:
+        return
+    _object(path, joint, "ensembles.joint_limit")
+    if "refused" in joint:
+        _need(path, joint, "refused", str, "ensembles.joint_limit.")
+        return
+    _need(path, joint, "E", float, "ensembles.joint_limit.")
+    if _pair(joint.get("E_ci")) is None:
+        raise DataeffError(f"{path}: field ensembles.joint_limit.E_ci is missing or not a [lo, hi] pair")
+    if joint.get("n_fit") is not None:
+        _check_fit(path, joint["n_fit"], "ensembles.joint_limit.n_fit")
+
+
+def _check_distillation(path: Path, d: Any) -> None:
+    _object(path, d, "distillation")
+    _need(path, d, "size", str, "distillation.")
+    _need(path, d, "params", int, "distillation.")
+    for key in ("single_loss", "ensemble_loss"):
+        _need(path, d, key, float, "distillation.")
+    teacher = _object(path, d.get("teacher"), "distillation.teacher")
+    _need(path, teacher, "K", int, "distillation.teacher.")
+    _need(path, teacher, "combine", str, "distillation.teacher.", nullable=True)
+    for i, s in enumerate(_need(path, d, "students", list, "distillation.")):
+        where = f"distillation.students[{i}]"
+        _object(path, s, where)
+        for key in ("name", "kind"):
+            _need(path, s, key, str, f"{where}.")
+        _need(path, s, "loss", float, f"{where}.")
+        _need(path, s, "retained", float, f"{where}.", nullable=True)
+        _need(path, s, "details", dict, f"{where}.", nullable=True)
+        for key in ("run_dir", "error"):
+            _need(path, s, key, str, f"{where}.", nullable=True)
+
+
+def _check_downstream(path: Path, ds: Any) -> None:
+    _object(path, ds, "downstream")
+    tasks = _need(path, ds, "tasks", list, "downstream.")
+    if not all(isinstance(t, str) for t in tasks):
+        raise DataeffError(f"{path}: field downstream.tasks is not a list of task names")
+    _need(path, ds, "limit", int, "downstream.", nullable=True)
+    for i, m in enumerate(_need(path, ds, "models", list, "downstream.")):
+        where = f"downstream.models[{i}]"
+        _object(path, m, where)
+        for key in ("label", "kind"):
+            _need(path, m, key, str, f"{where}.")
+        for task, r in _need(path, m, "results", dict, f"{where}.").items():
+            _object(path, r, f"{where}.results.{task}")
+            _need(path, r, "n", int, f"{where}.results.{task}.")
+            _need(path, r, "chance", float, f"{where}.results.{task}.", nullable=True)
 
 
 def _locate(root: Path, run_dir: str | None) -> Path | None:
@@ -501,6 +617,11 @@ def _fig_loss_vs_params(results: dict[str, Any], ci: float) -> tuple[bytes | Non
     return _png(fig), caption
 
 
+def _is_limit(label: str) -> bool:
+    """A multiplier target that is a fitted limit (dashed in the figure), not a measured loss."""
+    return label.endswith("asymptote") or label == _JOINT_MULTIPLIER
+
+
 def _fig_data_efficiency(results: dict[str, Any], ci: float) -> tuple[bytes | None, str]:
     ds = results.get("data_scaling") or {}
     pts = [(float(b), float(loss)) for b, loss in zip(ds.get("budgets") or [], ds.get("best_loss") or [], strict=False)
@@ -534,7 +655,7 @@ def _fig_data_efficiency(results: dict[str, Any], ci: float) -> tuple[bytes | No
             else f"{label} {loss:.4f}"
         if _finite(interp):
             text += f", {_mult(interp)} interpolated"
-        ax.axhline(loss, color=color, ls="--" if label.endswith("asymptote") else ":", lw=1.4, label=text)
+        ax.axhline(loss, color=color, ls="--" if _is_limit(label) else ":", lw=1.4, label=text)
         y_seen.append(loss)
         if _finite(pl):
             ax.plot([pl * world], [loss], "D", color=color, ms=6, zorder=4)
@@ -545,10 +666,11 @@ def _fig_data_efficiency(results: dict[str, Any], ci: float) -> tuple[bytes | No
     ax.set_ylabel("held-out loss")
     ax.set_title("Data efficiency: tokens the baseline needs to reach each loss", fontsize=10)
     ax.legend(fontsize=7, loc="best")
+    joint = ", the ensembles' joint limit (dashed)" if _JOINT_MULTIPLIER in multipliers else ""
     caption = (f"The {baseline} recipe's best loss per token budget"
                + (f" with its fitted E + A·D^-α and {ci:.0%} bootstrap band" if fitted else
                   f" (fit refused: {ds.get('refused', 'no fit')})")
-               + ". Horizontal lines: each recipe's asymptote (dashed) and best measured loss (dotted); diamonds "
+               + f". Horizontal lines: each recipe's asymptote (dashed){joint} and best measured loss (dotted); diamonds "
                "mark where the baseline's law reaches them, at multiplier × the world budget (vertical line).")
     return _png(fig), caption
 
@@ -580,6 +702,173 @@ def _fig_training_curves(results: dict[str, Any], root: Path) -> tuple[bytes | N
     ax.set_title("Training curves of each recipe's best run at the largest size", fontsize=10)
     ax.legend(fontsize=7)
     return _png(fig), "Training (thin) and held-out (markers) loss of each recipe's best run at the largest size."
+
+
+def _per_size(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The ensembles' per-size entries, smallest model first (the pipeline keeps its own order)."""
+    per_size = (results.get("ensembles") or {}).get("per_size") or {}
+    return dict(sorted(per_size.items(), key=lambda item: item[1]["params"]))
+
+
+def _ensemble_sizes(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The per-size entries that have at least one finite loss to draw."""
+    return {size: e for size, e in _per_size(results).items() if any(map(_finite, e.get("prob") or []))}
+
+
+def _ensemble_config(results: dict[str, Any]) -> dict[str, Any]:
+    return (results.get("config") or {}).get("ensembles") or {}
+
+
+def _single_recipe(results: dict[str, Any]) -> str:
+    """The recipe whose tuned model is each size's single-model reference (and the members' starting point)."""
+    return str(_ensemble_config(results).get("recipe", "regularized"))
+
+
+def _combine_text(combine: str) -> str:
+    return _COMBINE.get(combine, f"{combine} averaging")
+
+
+def _rule_text(results: dict[str, Any]) -> str:
+    ens, cfg = results["ensembles"], _ensemble_config(results)
+    single = f"the tuned {_single_recipe(results)} model"
+    rule = {
+        "paper": f"the paper's rule ({cfg.get('epochs_factor', 2.0):g}× the epochs and {cfg.get('weight_decay_factor', 0.5):g}× "
+                 f"the weight decay of {single}, its other knobs)",
+        "tuned": f"the hyperparameters of {single}",
+        "explicit": "explicitly configured hyperparameters",
+    }.get(ens["rule"], f"the member rule {ens['rule']!r}")
+    vary = ens.get("vary")
+    return rule + (f", seeds differing in {_VARY.get(vary, vary)}" if isinstance(vary, str) else "")
+
+
+def _k_ticks(ax: Axes, ks: Iterable[float], k_top: float) -> None:
+    """Integer ticks on a log2 axis: the measured K, if few, and the powers of two out to the curves' end."""
+    measured = set(ks)
+    ticks = sorted({*(measured if len(measured) <= 8 else ()), *(2.0**i for i in range(int(math.log2(k_top)) + 1))})
+    ax.set_xticks(ticks, [f"{k:g}" for k in ticks])
+    ax.xaxis.set_minor_formatter(NullFormatter())
+
+
+def _fig_loss_vs_k(results: dict[str, Any], ci: float) -> tuple[bytes | None, str]:
+    sizes = _ensemble_sizes(results)
+    if not sizes:
+        return None, "Ensemble-scaling figure skipped: no ensemble has a finite loss."
+    ens = results["ensembles"]
+    k_max = max(max(e["K"]) for e in sizes.values())
+    x = np.geomspace(1, 4 * k_max, 200)
+    fig, ax = _new_figure(8.0, 5.0)
+    y_seen: list[float] = []
+    notes = [f"{size} not drawn ({e.get('error') or 'no finite loss'})" for size, e in _per_size(results).items() if size not in sizes]
+    refused: dict[str, list[str]] = {}  # reason -> sizes, since one reason (too few K) usually holds for all
+    fitted = logit_drawn = weighted_drawn = False
+    for color, (size, e) in zip(_colors(len(sizes)), sizes.items(), strict=True):
+        fit = e["k_fit"]
+        label = f"{size} (N={_count(e['params'])})"
+        if _has_fit(fit):
+            fitted = True
+            label += f": E_N={fit['E']:.4f} {_interval(fit.get('E_ci'))}, α={fit['alpha']:.3g}"
+            ax.plot(x, _curve(fit, x), "-", color=color, lw=1.2)
+            band = _band(fit, x, ci)
+            if band is not None:
+                ax.fill_between(x, *band, color=color, alpha=0.15, lw=0)
+            ax.axhline(fit["E"], color=color, ls=":", lw=1.4)
+            y_seen.append(fit["E"])
+        else:
+            label += " (no K-law)"
+            refused.setdefault(str(fit.get("refused", "no fit")), []).append(size)
+        pts = [(k, loss) for k, loss in zip(e["K"], e["prob"], strict=True) if _finite(loss)]
+        ax.plot(*zip(*pts, strict=True), "o", color=color, ms=7, zorder=3, label=label)
+        y_seen += [loss for _, loss in pts]
+        logit = [(k, loss) for k, loss in zip(e["K"], e.get("logit") or [], strict=False) if _finite(loss)]
+        if logit:
+            ax.plot(*zip(*logit, strict=True), "s--", color=color, mfc="none", ms=6, lw=0.8, mew=1.4, zorder=3)
+            y_seen += [loss for _, loss in logit]
+            logit_drawn = True
+        if _finite(e.get("weighted")):
+            ax.plot([max(e["K"])], [e["weighted"]], "*", color=color, mec="k", mew=0.5, ms=12, zorder=4)
+            y_seen.append(e["weighted"])
+            weighted_drawn = True
+    _set_ylim(ax, y_seen)
+    ax.set_xscale("log", base=2)
+    # Without a K-law nothing extends past the measured K, so neither does the axis.
+    k_top = x[-1] if fitted else k_max * 1.2
+    if not fitted:
+        ax.set_xlim(0.9, k_top)
+    _k_ticks(ax, (k for e in sizes.values() for k in e["K"]), k_top)
+    ax.set_xlabel("ensemble members K (log2)")
+    ax.set_ylabel("held-out loss")
+    ax.set_title("Ensemble scaling: loss vs members per model size", fontsize=10)
+    handles, labels = ax.get_legend_handles_labels()
+    for drawn, marker, ls, mfc, text in (
+        (True, "o", "", "0.3", _combine_text("prob")),
+        (fitted, "", "-", "0.3", f"K-law fitted on {_combine_text(ens['combine'])}, {ci:.0%} band"),
+        (logit_drawn, "s", "--", "none", _combine_text("logit")),
+        (weighted_drawn, "*", "", "0.3", "weighted probability averaging at the largest K"),
+        (fitted, "", ":", "0.3", "asymptote E_N (K → ∞)"),
+    ):
+        if drawn:
+            handles.append(Line2D([], [], marker=marker, ls=ls, color="0.3", mfc=mfc, mew=1.4))
+            labels.append(text)
+    ax.legend(handles, labels, fontsize=7, loc="best")
+    caption = (f"Loss of the ensemble of the first K members by {_combine_text('prob')} (filled)"
+               + (f" and {_combine_text('logit')} (hollow, dashed)" if logit_drawn else "")
+               + f", with the K-law E + A·K^-α fitted on {_combine_text(ens['combine'])} extended to 4× the largest K, "
+               f"its {ci:.0%} bootstrap band and each size's asymptote E_N (dotted). Members: {_rule_text(results)}.")
+    notes += [f"{', '.join(names)}: K-law refused ({reason})" for reason, names in refused.items()]
+    if notes:
+        caption += " " + "; ".join(notes) + "."
+    return _png(fig), caption
+
+
+def _fig_loss_vs_total_params(results: dict[str, Any], ci: float) -> tuple[bytes | None, str]:
+    sizes = _ensemble_sizes(results)
+    if not sizes:
+        return None, "Single-models-vs-ensembles figure skipped: no ensemble has a finite loss."
+    ens = results["ensembles"]
+    totals = [k * e["params"] for e in sizes.values() for k in e["K"]]
+    x = np.geomspace(min(e["params"] for e in sizes.values()) / 1.5, max(totals) * 4, 300)
+    fig, ax = _new_figure(8.0, 5.0)
+    recipe = _single_recipe(results)
+    single = [(e["params"], e["single_loss"]) for e in sizes.values() if _finite(e["single_loss"])]
+    y_seen = [loss for _, loss in single]
+    if single:
+        ax.plot(*zip(*single, strict=True), "o", color="k", ms=8, zorder=4, label=f"tuned single models ({recipe})")
+    fit = results["fits"].get(recipe)
+    if _has_fit(fit):
+        ax.plot(x, _curve(fit, x), "-", color="k", lw=1.2, label=f"{recipe} N-law, α={fit['alpha']:.3g}")
+        band = _band(fit, x, ci)
+        if band is not None:
+            ax.fill_between(x, *band, color="k", alpha=0.08, lw=0)
+        ax.axhline(fit["E"], color="k", ls="--", lw=1, label=f"{recipe} asymptote {fit['E']:.4f} {_interval(fit.get('E_ci'))}")
+        y_seen.append(fit["E"])
+    for color, (size, e) in zip(_colors(len(sizes)), sizes.items(), strict=True):
+        pts = [(k * e["params"], loss) for k, loss in zip(e["K"], e["prob"], strict=True) if _finite(loss)]
+        ks = [k for k, loss in zip(e["K"], e["prob"], strict=True) if _finite(loss)]
+        ax.plot(*zip(*pts, strict=True), "o-", color=color, ms=5, lw=1.2, zorder=3,
+                label=f"{size} ensembles, K = {min(ks):g}–{max(ks):g}")
+        ax.annotate(f"K={max(ks):g}", pts[-1], textcoords="offset points", xytext=(6, -12), fontsize=7, color=color,
+                    zorder=5)
+        y_seen += [loss for _, loss in pts]
+    joint = ens.get("joint_limit") or {}
+    if "E" in joint:
+        lo, hi = _pair(joint["E_ci"]) or (joint["E"], joint["E"])
+        ax.axhline(joint["E"], color=_JOINT_COLOR, ls="-.", lw=1.4,
+                   label=f"joint limit (N, K → ∞) {joint['E']:.4f} {_interval(joint['E_ci'])}")
+        if math.isfinite(lo) and math.isfinite(hi):
+            ax.axhspan(lo, hi, color=_JOINT_COLOR, alpha=0.12, lw=0)
+        y_seen.append(joint["E"])
+    _set_ylim(ax, y_seen)
+    ax.set_xscale("log")
+    ax.set_xlabel("total parameters K·N (log)")
+    ax.set_ylabel("held-out loss")
+    ax.set_title("Single models vs ensembles at equal total parameters", fontsize=10)
+    ax.legend(fontsize=7, loc="upper right")
+    caption = (f"Loss against total parameters: the tuned single models ({recipe}, black)"
+               + (f" with their fitted N-law, its {ci:.0%} band and asymptote (dashed)" if _has_fit(fit) else "")
+               + f", and per size the ensembles of K members ({_combine_text('prob')}) at K·N parameters.")
+    if "E" in joint:
+        caption += f" Dash-dotted, shaded: the joint limit with both N and K taken to infinity and its {ci:.0%} interval."
+    return _png(fig), caption
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -629,13 +918,152 @@ def _fits_table(results: dict[str, Any], ci: float) -> _Table:
 
 
 def _multipliers_table(results: dict[str, Any], ci: float) -> _Table:
-    rows: list[list[str | _Cell]] = []
-    for label, m in (results.get("multipliers") or {}).items():
-        pl = f"{_mult(m.get('power_law'))} {_interval(m.get('power_law_ci'), _mult)}" if "power_law" in m else _MISSING
-        note = m.get("interpolated_note") or ""
-        interp = _Cell(_mult(m.get("interpolated")), note) if note else _Cell(_mult(m.get("interpolated")))
-        rows.append([label, _loss(m.get("loss")), pl, interp])
+    rows: list[list[str | _Cell]] = [[label, _loss(m.get("loss")), *_multiplier_cells(m)]
+                                     for label, m in (results.get("multipliers") or {}).items()]
     return _Table(["target", "loss", f"power law [{ci:.0%} CI]", "interpolated"], rows)
+
+
+def _multiplier_cells(m: dict[str, Any]) -> list[str | _Cell]:
+    """A multiplier's power-law value with its interval, and its interpolated value (why it is missing as a note)."""
+    pl = f"{_mult(m.get('power_law'))} {_interval(m.get('power_law_ci'), _mult)}" if "power_law" in m else _MISSING
+    note = m.get("interpolated_note") or ""
+    return [pl, _Cell(_mult(m.get("interpolated")), note)]
+
+
+def _ensemble_tables(results: dict[str, Any], ci: float, root: Path) -> list[_Block]:
+    ens = results["ensembles"]
+    per_size = _per_size(results)
+    rows: list[list[str | _Cell]] = []
+    for size, e in per_size.items():
+        head: list[str | _Cell] = [_Cell(size, _shown_path(root, e.get("ensemble_file") or "")), _count(e["params"]),
+                                   _knobs_text(e["member_values"]), _loss(e["single_loss"])]
+        if "prob" not in e:
+            rows.append([*head, _Cell("failed", e["error"]), *[_MISSING] * 6])
+            continue
+        top = e["K"].index(max(e["K"]))
+        members = e["member_losses"]
+        member = _Cell(_loss(float(np.mean(members))), "members: " + ", ".join(map(_loss, members))) if members else _Cell(_MISSING)
+        weights = e.get("weights")
+        weighted = _Cell(_loss(e.get("weighted")), "weights " + ", ".join(f"{w:.3f}" for w in weights) if weights else "")
+        fit = e["k_fit"]
+        if _has_fit(fit):
+            asymptote: list[str | _Cell] = [f"{_loss(fit['E'])} {_interval(fit.get('E_ci'))}",
+                                            f"{_sig(fit['alpha'])} {_interval(fit.get('alpha_ci'), _sig)}"]
+        else:
+            asymptote = [_Cell("refused", str(fit.get("refused", "no fit"))), _MISSING]
+        logit = e.get("logit")
+        rows.append([*head, member, f"{e['K'][top]:g}", _loss(e["prob"][top]), _loss(logit[top]) if logit else _MISSING,
+                     weighted, *asymptote])
+    headers = ["size", "N", "member knobs", "single (tuned)", "member (mean)", "max K", "prob", "logit", "weighted",
+               f"E_N [{ci:.0%} CI]", "α"]
+    blocks: list[_Block] = [
+        _Para(f"Each size's ensemble: members trained with {_rule_text(results)}; the loss of all max K members by "
+              "probability, logit and weighted probability averaging (weights learned on a held-out slice), and the "
+              f"K-law L(K) = E_N + A·K^-α fitted on {_combine_text(ens['combine'])}, whose E_N is the loss of "
+              "infinitely many members of that size."),
+        _Table(headers, rows),
+    ]
+    with_logit = {size: e for size, e in per_size.items() if e.get("logit")}
+    if not with_logit:
+        return [*blocks, _Para("Logit averaging was not evaluated.")]
+    ks = sorted({k for e in with_logit.values() for k in e["K"]})
+    diff_rows: list[list[str | _Cell]] = []
+    for size, e in with_logit.items():
+        # + 0.0 turns the -0.0 of rounding noise (K = 1, where both are the one member) into 0.
+        diffs = {k: round(p - q, 4) + 0.0 for k, p, q in zip(e["K"], e["prob"], e["logit"], strict=True)
+                 if _finite(p) and _finite(q)}
+        diff_rows.append([size, *(f"{diffs[k]:+.4f}" if k in diffs else _MISSING for k in ks)])
+    return [*blocks,
+            _Heading("Probability vs logit averaging", 3),
+            _Para("Loss with probability averaging minus loss with logit averaging, for the ensemble of the first K "
+                  "members: negative where averaging probabilities is better."),
+            _Table(["size", *(f"K={k:g}" for k in ks)], diff_rows)]
+
+
+def _joint_limit_blocks(results: dict[str, Any], ci: float) -> list[_Block]:
+    joint = results["ensembles"].get("joint_limit")
+    if joint is None:
+        return [_Para("No joint limit was fitted.")]
+    if "refused" in joint:
+        return [_Para(f"No joint limit: {joint['refused']}.")]
+    n_fit = joint.get("n_fit") or {}
+    m = (results.get("multipliers") or {}).get(_JOINT_MULTIPLIER)
+    row: list[str | _Cell] = [f"{_loss(joint['E'])} {_interval(joint['E_ci'])}", _sig(n_fit.get("A")), _sig(n_fit.get("alpha")),
+                              *(_multiplier_cells(m) if m else [_MISSING, _MISSING])]
+    return [_Para("Joint limit: the N-law E + A·N^-α fitted to the sizes' K-law asymptotes E_N; its E is the loss with "
+                  "both the model size N and the member count K taken to infinity. The multiplier is the tokens the "
+                  f"{results.get('baseline_recipe', 'standard')} recipe needs to reach it, over the world's budget."),
+            _Table([f"E (N, K → ∞) [{ci:.0%} CI]", "A", "α", f"multiplier, power law [{ci:.0%} CI]", "interpolated"], [row])]
+
+
+def _retained(v: Any) -> str:
+    return f"{v:.1%}" if _finite(v) else _MISSING
+
+
+def _distillation_blocks(results: dict[str, Any], root: Path) -> list[_Block]:
+    d = results["distillation"]
+    teacher = d["teacher"]
+    combine = teacher.get("combine")
+    rows: list[list[str | _Cell]] = [
+        [_Cell(f"teacher: {teacher['K']}-member {d['size']} ensemble", _shown_path(root, teacher.get("ensemble_file") or "")),
+         "ensemble" + (f" ({_combine_text(combine)})" if combine else ""), _loss(d["ensemble_loss"]), _retained(1.0), ""],
+        [f"single {d['size']} (tuned)", "single", _loss(d["single_loss"]), _retained(0.0), ""],
+    ]
+    for s in d["students"]:
+        loss = _Cell("failed", s["error"]) if s.get("error") else _Cell(_loss(s["loss"]))
+        # A chain link's teacher is the previous link's run directory.
+        details = ", ".join(f"{k}={_shown_path(root, v) if isinstance(v, str) else _knob(k, v)}"
+                            for k, v in (s.get("details") or {}).items())
+        rows.append([_Cell(s["name"], _shown_path(root, s.get("run_dir") or "")), s["kind"], loss, _retained(s.get("retained")),
+                     details])
+    return [_Para(f"Students of one {d['size']} model's size (N={_count(d['params'])}) trained from the ensemble teacher. "
+                  "Retained = (L_single − L_student) / (L_single − L_ensemble): the share of the ensemble's gain over the "
+                  "tuned single model that the student keeps (0% is no better than the single model, 100% matches the "
+                  f"teacher). The paper's distilled student, 8× smaller than its teacher ensemble, retains {_PAPER_RETAINED:.0%}."),
+            _Table(["model", "kind", "loss", "retained", "settings"], rows)]
+
+
+def _metric_cell(metric: str, value: Any, stderr: Any) -> str:
+    if not _finite(value):
+        return _MISSING
+    if metric.startswith("acc"):
+        return f"{100 * value:.1f}" + (f" ± {100 * stderr:.1f}" if _finite(stderr) else "")
+    return _sig(value) + (f" ± {_sig(stderr)}" if _finite(stderr) else "")
+
+
+def _downstream_blocks(results: dict[str, Any]) -> list[_Block]:
+    ds = results["downstream"]
+    models = ds["models"]
+    tasks = list(dict.fromkeys([*ds["tasks"], *(t for m in models for t in m["results"])]))
+    # A task's metrics are its numeric (or null) entries; item count, chance and stderrs go elsewhere, and
+    # nested breakdowns (BLiMP's per-paradigm accuracies) are too fine for this table.
+    columns = [(task, metric) for task in tasks for metric in dict.fromkeys(
+        k for m in models for k, v in (m["results"].get(task) or {}).items()
+        if k not in ("n", "chance") and not k.endswith("_stderr") and (v is None or isinstance(v, int | float)))]
+    rows: list[list[str | _Cell]] = []
+    for m in models:
+        cells = []
+        for task, metric in columns:
+            r = m["results"].get(task) or {}
+            cells.append(_metric_cell(metric, r.get(metric), r.get(f"{metric}_stderr")))
+        rows.append([m["label"], m["kind"], *cells])
+    counts = []
+    for task in tasks:
+        found = [m["results"][task] for m in models if task in m["results"]]
+        n = "/".join(str(v) for v in dict.fromkeys(r["n"] for r in found))
+        chance = next((r["chance"] for r in found if _finite(r.get("chance"))), None)
+        counts.append(f"{task} {n} items" + (f", chance {chance:.1%}" if chance is not None else ""))
+    limit = ds.get("limit")
+    scope = f"at most {limit} items per task (a seeded random subset)" if limit else "every item of each task"
+    return [_Para(f"Zero-shot log-likelihood scoring on {scope}: {'; '.join(counts)}. Accuracies in % ± standard error; "
+                  "acc_norm normalises by the answer's length in bytes, perplexity is per word."),
+            _Table(["model", "kind", *(f"{task} {metric}" + (" (%)" if metric.startswith("acc") else "") for task, metric in columns)],
+                   rows)]
+
+
+def _shown_path(root: Path, path: str) -> str:
+    """A recorded path relative to the report's root when it lies under it (as the pipeline records them)."""
+    return str(Path(path).relative_to(root)) if Path(path).is_relative_to(root) else path
 
 
 def _failed_runs(results: dict[str, Any], root: Path) -> list[list[str | _Cell]]:
@@ -650,10 +1078,7 @@ def _failed_runs(results: dict[str, Any], root: Path) -> list[list[str | _Cell]]
             return
         seen.add(key)
         reason = error or _failure_reason(root, run_dir) or f"loss is {loss}"
-        shown = run_dir or _MISSING
-        if run_dir and Path(run_dir).is_relative_to(root):
-            shown = str(Path(run_dir).relative_to(root))
-        rows.append([context, _knobs_text(values), shown, reason])
+        rows.append([context, _knobs_text(values), _shown_path(root, run_dir) if run_dir else _MISSING, reason])
 
     for t in results["tuned"]:
         for ev in t["evaluations"]:
@@ -686,8 +1111,9 @@ def write_report(root: str | Path) -> dict[str, Path]:
     """Read ``<root>/results.json`` and write figures, ``report.md`` and ``report.html`` to ``<root>/report/``.
 
     Returns the written paths by name: each drawn figure's name (``overfitting``, ``loss_vs_params``,
-    ``data_efficiency``, ``training_curves``), ``markdown`` and ``html``. A figure without data is skipped and
-    the report says why.
+    ``data_efficiency``, ``loss_vs_k``, ``loss_vs_total_params``, ``training_curves``), ``markdown`` and
+    ``html``. A figure without data is skipped and the report says why; the ensemble, distillation and
+    downstream sections appear only when results.json has them.
     """
     root = Path(root)
     results = _load(root / "results.json")
@@ -696,6 +1122,8 @@ def write_report(root: str | Path) -> dict[str, Path]:
         "overfitting": _fig_overfitting(results),
         "loss_vs_params": _fig_loss_vs_params(results, ci),
         "data_efficiency": _fig_data_efficiency(results, ci),
+        "loss_vs_k": _fig_loss_vs_k(results, ci),
+        "loss_vs_total_params": _fig_loss_vs_total_params(results, ci),
         "training_curves": _fig_training_curves(results, root),
     }
     fig = {name: _Fig(name, caption, png) for name, (png, caption) in figs.items()}
@@ -722,6 +1150,13 @@ def write_report(root: str | Path) -> dict[str, Path]:
                    _multipliers_table(results, ci)]
     else:
         blocks.append(_Para("No multipliers: the data-scaling baseline was not run."))
+    if results.get("ensembles") is not None:
+        blocks += [_Heading("Ensemble scaling"), fig["loss_vs_k"], *_ensemble_tables(results, ci, root),
+                   _Heading("Single models vs ensembles"), fig["loss_vs_total_params"], *_joint_limit_blocks(results, ci)]
+    if results.get("distillation") is not None:
+        blocks += [_Heading("Distillation"), *_distillation_blocks(results, root)]
+    if results.get("downstream") is not None:
+        blocks += [_Heading("Downstream tasks"), *_downstream_blocks(results)]
     blocks += [_Heading("Tuned hyperparameters"),
                _Para("Certified: every ±1-step grid neighbour of the optimum was trained and none is better."),
                *_tuned_tables(results),
