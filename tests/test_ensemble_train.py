@@ -72,12 +72,12 @@ def test_ensemble_command_trains_saves_scores_and_reruns_nothing(small_corpus, t
     # One member alone, through the same command.
     single = run_eval(EvalConfig(run_dir=spec.members[0], device="cpu"))
     assert single["loss"] == pytest.approx(done[0]["val_loss"], abs=1e-6)
-    with pytest.raises(DataeffError, match="give a run directory or ensemble.json"):
+    with pytest.raises(DataeffError, match=r"give a run directory or ensemble\.json"):
         run_eval(EvalConfig(run_dir=spec.members[0], members=spec.members))
 
 
 def test_failed_member_is_named(small_corpus, tmp_path):
     cfg = _config(small_corpus, tmp_path / "ens", members=1)
     cfg.base.model.seq_len = 4096  # more than the budget holds: the member fails
-    with pytest.raises(DataeffError, match="1 of 1 members failed; first: .*fewer than one training sequence"):
+    with pytest.raises(DataeffError, match=r"1 of 1 members failed; first: .*fewer than one training sequence"):
         train_ensemble(cfg, progress=False)

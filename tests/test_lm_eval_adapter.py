@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from dataeff.checkpoint import save_weights
 from dataeff.config import to_dict
+from dataeff.ensemble import EnsembleSpec, save_ensemble
 from dataeff.errors import DataeffError
 from dataeff.model import ModelConfig, Transformer
 from dataeff.tasks import ClozeItem, EnsembleLogProbs, MCItem, evaluate_cloze, evaluate_mc, log_prob_fn
@@ -157,6 +158,12 @@ def test_members_make_an_ensemble(lm_eval: ModuleType, adapter: ModuleType, runs
     # lm-eval's command passes model_args as a dict, with a list as a string and its own default device.
     cli = adapter.DataeffLM.create_from_arg_obj({"members": f"[{a},{b}]", "device": "cpu"}, {"device": "cuda:0", "batch_size": 1})
     assert len(cli.fn.ensemble) == 2 and cli.device == torch.device("cpu") and cli.batch_size == 1
+    # A saved ensemble.json is an ensemble too; its tokenizer comes from its first member.
+    saved = save_ensemble(EnsembleSpec(name="pair", members=[str(a), str(b)]), a.parent / "ensemble.json")
+    from_file = adapter.DataeffLM.create_from_arg_string(f"members={saved},device=cpu")
+    assert len(from_file.fn.ensemble) == 2
+    np.testing.assert_allclose([x for x, _ in from_file.loglikelihood(requests, disable_tqdm=True)],
+                               [x for x, _ in got], rtol=1e-6, atol=1e-6)
     with pytest.raises(DataeffError, match="exactly one of"):
         adapter.DataeffLM.create_from_arg_string(f"run_dir={a},members={b}")
     with pytest.raises(DataeffError, match="unknown key 'pretrained'"):

@@ -65,8 +65,10 @@ class DataeffLM(LM):
             device = None
         self._device = pick_device(device or "auto")
         if members:
-            runs = [str(m) for m in members]
-            self.fn = log_prob_fn(load_ensemble(runs, combine, str(self._device)))  # type: ignore[arg-type]
+            ensemble = load_ensemble([str(m) for m in members], combine, str(self._device))  # type: ignore[arg-type]
+            # members may name one ensemble.json: the tokenizer sits in its first member's run directory.
+            runs = ensemble.names
+            self.fn = log_prob_fn(ensemble)
         else:
             runs = [str(run_dir)]
             self.fn = log_prob_fn(load_model(runs[0], device=str(self._device)))
