@@ -110,3 +110,76 @@ def test_killed_pipeline_resumes_without_training_any_run_twice(small_corpus, tm
     for done in (root / "runs").glob("*/DONE"):
         steps = [r["step"] for r in read_jsonl(done.parent / "metrics.jsonl") if "train_loss" in r]
         assert steps == sorted(set(steps)), f"{done.parent} repeated steps"
+
+
+def test_member_rule_doubles_epochs_and_halves_weight_decay():
+    from dataeff.pipeline import EnsembleStageConfig, member_values
+
+    tuned = {"optim.lr": 3e-3, "optim.weight_decay": 1.6, "train.epochs": 8}
+    assert member_values(EnsembleStageConfig(), tuned) == {"optim.lr": 3e-3, "optim.weight_decay": 0.8, "train.epochs": 16.0}
+    assert member_values(EnsembleStageConfig(rule="tuned", overrides={"model.dropout": 0.1}), tuned) == {
+        **tuned, "model.dropout": 0.1}
+    with pytest.raises(DataeffError, match=r"rule=explicit needs ensembles\.overrides"):
+        member_values(EnsembleStageConfig(rule="explicit"), tuned)
+
+
+@pytest.mark.slow
+def test_pipeline_ensembles_joint_limit_distillation_and_downstream(small_corpus, tmp_path, data_dir):
+    root = tmp_path / "p"
+    cfg = tiny_pipeline(
+        small_corpus, root, data_scaling={"budgets": [750], "recipe": "regularized", "sizes": ["nano"]}, recipes=[
+            {"name": "regularized", "grid": {"optim.lr": [3e-3, 1e-2], "optim.weight_decay": [0.1, 1.6]},
+             "fixed": {"train.epochs": 2}}],
+        ensembles={"members": 4, "fitness_tokens": 512},
+        distillation={"size": "nano", "synthetic_share": 0.5, "sample_tokens": 16, "chain": 2, "top_k": 32},
+        downstream={"tasks": ["blimp", "arc_easy"], "limit": 10},
+    )
+    results = run_pipeline(cfg, progress=False)
+    ens = results["ensembles"]
+    tuned = {r["size"]: r for r in results["tuned"] if r["budget"] == 1500}
+    for size, row in ens["per_size"].items():
+        assert row["K"] == [1, 2, 3, 4] and len(row["prob"]) == len(row["logit"]) == 4
+        # Members: the paper's rule applied to the tuned single model, seeds 0..3.
+        best = tuned[size]["best"]
+        assert row["member_values"]["train.epochs"] == 2 * best["train.epochs"]
+        assert row["member_values"]["optim.weight_decay"] == pytest.approx(best["optim.weight_decay"] / 2)
+        members = [json.loads((Path(m) / "DONE").read_text()) for m in row["members"]]
+        seeds = [json.loads((Path(m) / "manifest.json").read_text())["seeds"] for m in row["members"]]
+        assert [s["init_seed"] for s in seeds] == [0, 1, 2, 3] == [s["data_seed"] for s in seeds]
+        # K = 1 is member 0 alone, scored on the same tokens as its own final evaluation.
+        assert row["prob"][0] == pytest.approx(members[0]["val_loss"], abs=1e-4)
+        assert row["member_losses"] == pytest.approx([m["val_loss"] for m in members], abs=1e-4)
+        # Averaging probabilities never loses to the members' mean loss (Jensen).
+        assert row["prob"][-1] <= sum(row["member_losses"]) / 4 + 1e-9
+        assert len(row["weights"]) == 4 and sum(row["weights"]) == pytest.approx(1.0)
+        assert Path(row["ensemble_file"]).exists()
+        assert "E" in row["k_fit"], row["k_fit"]
+    jl = ens["joint_limit"]
+    if "E" in jl:  # a world this small may give a K-law asymptote of 0, which the N-law cannot take
+        assert jl["E_ci"][0] <= jl["E"] <= jl["E_ci"][1] and set(jl["E_N"]) == set(ens["per_size"])
+    else:
+        assert "asymptote is 0" in jl["refused"]
+
+    dist = results["distillation"]
+    kinds = [s["kind"] for s in dist["students"]]
+    assert kinds == ["sequence", "token", "self", "chain"]
+    gain = dist["single_loss"] - dist["ensemble_loss"]
+    for s in dist["students"]:
+        assert math.isfinite(s["loss"])
+        if gain > 0:
+            assert s["retained"] == pytest.approx((dist["single_loss"] - s["loss"]) / gain)
+    seq = json.loads((Path(dist["students"][0]["run_dir"]) / "DONE").read_text())
+    assert seq["synthetic_tokens"] == seq["train_tokens"]  # share 0.5: as many synthetic tokens as real ones
+    chain = [s for s in dist["students"] if s["kind"] in ("self", "chain")]
+    assert chain[1]["details"]["teacher"] == chain[0]["run_dir"]
+
+    down = results["downstream"]
+    assert [m["kind"] for m in down["models"]] == ["single", "ensemble", "student", "student", "student", "student"]
+    for m in down["models"]:
+        assert set(m["results"]) == {"blimp", "arc_easy"}
+    assert (root / "report" / "report.html").exists()
+
+    stamps = {p: p.stat().st_mtime_ns for p in (root / "runs").glob("*/DONE")}
+    again = run_pipeline(cfg, progress=False)
+    assert {p: p.stat().st_mtime_ns for p in (root / "runs").glob("*/DONE")} == stamps
+    assert again["ensembles"]["per_size"] == ens["per_size"]

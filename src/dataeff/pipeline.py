@@ -11,6 +11,7 @@ trains only what is missing.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import time
 from collections.abc import Iterator
@@ -19,13 +20,22 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+import torch
+from tqdm.auto import tqdm
 
 from dataeff import scaling
-from dataeff.config import from_dict, merge, option, section, to_dict, unflatten
+from dataeff.config import config_hash, from_dict, merge, option, section, to_dict, unflatten
+from dataeff.dist import pick_device
+from dataeff.ensemble import EnsembleSpec, load_ensemble, save_ensemble
+from dataeff.ensemble_train import member_config, score_ensemble
 from dataeff.errors import DataeffError
-from dataeff.executor import ExecutorConfig, run_jobs
-from dataeff.fsutil import atomic_write_json
+from dataeff.evaluate_run import load_model
+from dataeff.executor import ExecutorConfig, JobResult, run_jobs
+from dataeff.fsutil import atomic_write_json, atomic_write_text
 from dataeff.model import count_parameters
+from dataeff.sample import generate
+from dataeff.tasks import check_task, evaluate_task, load_task, log_prob_fn
+from dataeff.tokenizer import Tokenizer
 from dataeff.tokens import prepare
 from dataeff.train import RunConfig, run_hash
 from dataeff.tune import Evaluation, RecipeConfig, Tuner, TuneResult, builtin_recipes
@@ -60,6 +70,61 @@ class FitConfig:
 
 
 @dataclass
+class EnsembleStageConfig:
+    members: int = option(0, "K_max: members trained per size; prefix ensembles K = 1..K_max are scored and fitted "
+                             "(0: no ensemble stage)")
+    sizes: list[str] = option([], "sizes with ensembles (default: all; the joint limit needs at least 3)")
+    recipe: str = option("regularized", "the recipe whose tuned single model the members' hyperparameters start from")
+    rule: Literal["paper", "tuned", "explicit"] = option(
+        "paper", "member hyperparameters: paper (epochs × epochs_factor, weight decay × weight_decay_factor, same "
+        "LR), tuned (the single model's), or explicit (overrides only)")
+    epochs_factor: float = option(2.0, "paper rule: members train this many times the tuned epochs")
+    weight_decay_factor: float = option(0.5, "paper rule: members use this fraction of the tuned weight decay")
+    overrides: dict[str, Any] = option({}, "knob values applied to every member after the rule")
+    vary: Literal["both", "init", "data"] = option(
+        "both", "what differs between members: both seeds, only the initialisation, or only the data order")
+    combine: Literal["prob", "logit"] = option("prob", "the combination the K-laws and the joint limit are fitted on")
+    fitness_tokens: int = option(
+        16384, "held-out training-pool tokens (outside the budget, disjoint from validation) on which member "
+               "weights are learned (0: no weighted ensemble)")
+
+
+@dataclass
+class DistillStageConfig:
+    size: str | None = option(None, "student (and teacher member) size (default: none, no distillation stage)")
+    synthetic_share: float = option(0.75, "sequence-level student: share of its tokens sampled from the ensemble "
+                                          "(0: no sequence-level student)")
+    sequence_overrides: dict[str, Any] = option({"optim.weight_decay": 0.1},
+                                                "knob values of the sequence-level student (the paper: WD 0.1)")
+    sample_tokens: int = option(256, "tokens per sampled document at most (capped at the teacher's context)")
+    sample_temperature: float = option(1.0, "sampling temperature of the synthetic corpus")
+    sample_batch: int = option(64, "documents sampled together")
+    sample_seed: int = option(0, "sampling seed")
+    kl_weight: float = option(0.5, "token-level and chain students: α of (1-α)·CE + α·T²·KL (0: none)")
+    temperature: float = option(1.0, "token-level and chain students: KL temperature")
+    teacher_cache: Literal["online", "topk"] = option("topk", "teacher log-probs online or from a top-k cache")
+    top_k: int = option(64, "top-k cache: teacher log-probs kept per position")
+    chain: int = option(2, "self-distillation chain length: link 1 distils one member, each next link its "
+                           "predecessor (0: none)")
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.synthetic_share < 1.0:
+            raise ValueError(f"synthetic_share must be in [0, 1), got {self.synthetic_share}")
+        if not 0.0 <= self.kl_weight <= 1.0:
+            raise ValueError(f"kl_weight must be in [0, 1], got {self.kl_weight}")
+        if self.chain < 0:
+            raise ValueError(f"chain must be 0 or more, got {self.chain}")
+
+
+@dataclass
+class DownstreamStageConfig:
+    tasks: list[str] = option([], "downstream tasks for the single model, the ensemble and the students (default: "
+                                  "none)")
+    limit: int | None = option(500, "items per task at most (a seeded random subset)")
+    size: str | None = option(None, "the size scored (default: the distillation size, else the largest)")
+
+
+@dataclass
 class PipelineConfig:
     name: str = option("experiment", "experiment name (report title)")
     root: str = option("runs/experiment", "directory of the runs, results.json and the report")
@@ -74,6 +139,9 @@ class PipelineConfig:
     overfitting: OverfittingConfig = section(OverfittingConfig, "the loss-vs-epochs-per-weight-decay figure")
     executor: ExecutorConfig = section(ExecutorConfig, "where and how the runs execute")
     fit: FitConfig = section(FitConfig, "scaling-law fits and intervals")
+    ensembles: EnsembleStageConfig = section(EnsembleStageConfig, "ensembles of every size: K-laws and the joint limit")
+    distillation: DistillStageConfig = section(DistillStageConfig, "distilling an ensemble into one model")
+    downstream: DownstreamStageConfig = section(DownstreamStageConfig, "downstream tasks of the models of one size")
 
 
 @dataclass
@@ -181,7 +249,10 @@ def run_pipeline(cfg: PipelineConfig, *, progress: bool = True) -> dict[str, Any
             t.feed([_evaluate(cfg, jobs, t, values) for values in t.pending or []])
     _confirm(cfg, tasks, root, progress)
     overfit = _overfitting_runs(cfg, tasks, root, progress)
-    results_doc = analyse(cfg, tasks, overfit, stores[0].tokenizer.vocab_size)
+    ensembles = _ensemble_stage(cfg, tasks, root, progress)
+    distillation = _distillation_stage(cfg, tasks, ensembles, root, progress)
+    downstream = _downstream_stage(cfg, tasks, ensembles, distillation, root, progress)
+    results_doc = analyse(cfg, tasks, overfit, stores[0].tokenizer.vocab_size, ensembles, distillation, downstream)
     results_doc["seconds"] = time.time() - started
     atomic_write_json(root / "results.json", results_doc)
     from dataeff.report import write_report
@@ -280,8 +351,10 @@ def seed_sigma(tasks: list[Task]) -> float | None:
     return math.sqrt(deviations / dof) / math.sqrt(n_seeds)
 
 
-def analyse(cfg: PipelineConfig, tasks: list[Task], overfit: list[dict[str, Any]], vocab: int) -> dict[str, Any]:
-    """Tables, fits, multipliers and the verdict, from finished tuning tasks."""
+def analyse(cfg: PipelineConfig, tasks: list[Task], overfit: list[dict[str, Any]], vocab: int,
+            ensembles: dict[str, Any] | None = None, distillation: dict[str, Any] | None = None,
+            downstream: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Tables, fits, multipliers and the verdict, from finished tuning tasks and the later stages."""
     world = _world_budget(cfg)
     recipes = recipes_of(cfg)
     params = {s: _params(cfg, s, vocab) for s in sorted({t.size for t in tasks})}
@@ -306,6 +379,9 @@ def analyse(cfg: PipelineConfig, tasks: list[Task], overfit: list[dict[str, Any]
     std_at_world = [at_world[(baseline_name, s)]["best_loss"] for s in cfg.sizes if (baseline_name, s) in at_world]
     standard_best = min(std_at_world) if std_at_world else math.nan
 
+    ensemble_doc = _analyse_ensembles(cfg, ensembles or {}, params, at_world, sigma)
+    joint = ensemble_doc.get("joint_limit", {})
+    joint_samples = joint.pop("E_samples", None)
     data_scaling: dict[str, Any] = {}
     multipliers: dict[str, Any] = {}
     if ds.budgets:
@@ -318,6 +394,8 @@ def analyse(cfg: PipelineConfig, tasks: list[Task], overfit: list[dict[str, Any]
         data_scaling["budgets"], data_scaling["best_loss"] = budgets, best_by_budget
         targets = {f"{name} asymptote": fits[name].get("E") for name in fits if "E" in fits[name]}
         targets.update({f"{r.name} best": min(at_world[(r.name, s)]["best_loss"] for s in cfg.sizes) for r in recipes})
+        if "E" in joint:
+            targets["ensemble joint limit"] = joint["E"]
         for label, loss in targets.items():
             if loss is None or not math.isfinite(loss):
                 continue
@@ -331,9 +409,11 @@ def analyse(cfg: PipelineConfig, tasks: list[Task], overfit: list[dict[str, Any]
             if boot_d is not None:
                 recipe_name = label.rsplit(" ", 1)[0]
                 entry["power_law"] = float(scaling.multiplier_power_law(loss, boot_d.fit, world))
-                if label.endswith("asymptote") and recipe_name in boots:
-                    # Both fits' uncertainty: pair the replicates of the N-law and the D-law.
-                    e_reps, d_fits = boots[recipe_name].E, boot_d.fits()
+                if (label == "ensemble joint limit" and joint_samples is not None) or (
+                        label.endswith("asymptote") and recipe_name in boots):
+                    # Both fits' uncertainty: pair the replicates of the N-law (or joint limit) and the D-law.
+                    e_reps = joint_samples if label == "ensemble joint limit" else boots[recipe_name].E
+                    d_fits = boot_d.fits()
                     n = min(len(e_reps), len(d_fits))
                     reps = np.array([scaling.multiplier_power_law(e_reps[i], d_fits[i], world) for i in range(n)], dtype=float)
                 else:
@@ -346,12 +426,69 @@ def analyse(cfg: PipelineConfig, tasks: list[Task], overfit: list[dict[str, Any]
             multipliers[label] = entry
 
     verdict = _verdict(recipes, fits, standard_best, cfg.fit.ci)
+    if "E" in joint:
+        lo, hi = joint["E_ci"]
+        single = fits.get(cfg.ensembles.recipe, {})
+        versus = f" vs the {cfg.ensembles.recipe} recipe's asymptote {single['E']:.4f}" if "E" in single else ""
+        verdict.append(f"ensembles: joint limit (K → ∞, then N → ∞) E = {joint['E']:.4f} [{lo:.4f}, {hi:.4f}]{versus}")
     return {
         "name": cfg.name, "world_tokens": world, "sizes": cfg.sizes, "params": params, "recipes": [to_dict(r) for r in recipes],
         "config": to_dict(cfg), "tuned": tuned, "fits": fits, "standard_best": standard_best,
         "baseline_recipe": baseline_name, "data_scaling": data_scaling, "multipliers": multipliers,
         "overfitting": overfit, "verdict": verdict, "seed_sigma": sigma,
+        **({"ensembles": ensemble_doc} if ensemble_doc else {}),
+        **({"distillation": _analyse_distillation(distillation, ensemble_doc, params)} if distillation else {}),
+        **({"downstream": downstream} if downstream else {}),
     }
+
+
+def _analyse_ensembles(cfg: PipelineConfig, ensembles: dict[str, Any], params: dict[str, int],
+                       at_world: dict[tuple[str, str], dict[str, Any]], sigma: float | None) -> dict[str, Any]:
+    """K-law per size (x = K) and the joint limit (K → ∞, then N → ∞) with bootstrap intervals."""
+    if not ensembles:
+        return {}
+    e = cfg.ensembles
+    per_size: dict[str, Any] = {}
+    per_n: dict[float, tuple[list[int], list[float]]] = {}
+    for size, entry in ensembles.items():
+        row = {"params": params[size], "single_loss": at_world[(e.recipe, size)]["best_loss"], **entry}
+        if "prob" in entry:
+            curve = entry[e.combine] or entry["prob"]
+            row["k_fit"], _ = _fit_with_intervals([float(k) for k in entry["K"]], curve, cfg.fit, sigma)
+            per_n[float(params[size])] = (entry["K"], curve)
+        per_size[size] = row
+    doc: dict[str, Any] = {"combine": e.combine, "rule": e.rule, "vary": e.vary, "per_size": per_size}
+    try:
+        jl = scaling.joint_limit(per_n, n_boot=cfg.fit.n_boot, seed=cfg.fit.seed, ci=cfg.fit.ci, sigma=sigma,
+                                 method=None if cfg.fit.method == "auto" else cfg.fit.method)
+    except DataeffError as err:
+        doc["joint_limit"] = {"refused": str(err)}
+        return doc
+    by_n = {float(params[s]): s for s in per_size}
+    doc["joint_limit"] = {
+        "E": jl.E, "E_ci": list(jl.interval), "n_fit": jl.n_fit.to_dict(),
+        "E_N": {by_n[n]: f.E for n, f in jl.k_fits.items()},
+        "E_N_ci": {by_n[n]: list(ci) for n, ci in jl.E_N_intervals.items()},
+        "params": {by_n[n]: int(n) for n in jl.k_fits}, "summary": scaling.fit_summary(jl),
+        "n_boot": jl.n_boot, "n_skipped": jl.n_skipped, "E_samples": jl.E_samples,
+    }
+    return doc
+
+
+def _analyse_distillation(distillation: dict[str, Any], ensembles: dict[str, Any], params: dict[str, int]) -> dict[str, Any]:
+    """The share of the ensemble's gain each student keeps: (L_single − L_student) / (L_single − L_ensemble)."""
+    size = distillation["size"]
+    row = ensembles["per_size"][size]
+    combine = ensembles["combine"]
+    ensemble_loss = (row.get(combine) or row["prob"])[-1]
+    single = row["single_loss"]
+    gain = single - ensemble_loss
+    students = [{**s, "retained": (single - s["loss"]) / gain if gain > 0 and math.isfinite(s["loss"]) else None}
+                for s in distillation["students"]]
+    return {"size": size, "params": params[size], "single_loss": single, "ensemble_loss": ensemble_loss,
+            "teacher": {"K": len(row["members"]), "loss": ensemble_loss, "combine": combine,
+                        "ensemble_file": distillation["teacher_file"]},
+            "synthetic_file": distillation.get("synthetic_file"), "students": students}
 
 
 def _verdict(recipes: list[RecipeConfig], fits: dict[str, Any], standard_best: float, ci: float) -> list[str]:
@@ -366,3 +503,207 @@ def _verdict(recipes: list[RecipeConfig], fits: dict[str, Any], standard_best: f
         lines.append(f"{r.name}: asymptote E = {fit['E']:.4f} [{lo:.4f}, {hi:.4f}] ({ci:.0%} CI) lies {rel} the standard "
                      f"recipe's best loss {standard_best:.4f}")
     return lines
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Ensembles, distillation and downstream tasks: the stages after tuning
+
+
+def _tuned(cfg: PipelineConfig, tasks: list[Task], recipe: str, size: str) -> TuneResult:
+    world = _world_budget(cfg)
+    for t in tasks:
+        if t.recipe.name == recipe and t.size == size and t.budget == world:
+            assert t.result is not None
+            return t.result
+    raise DataeffError(f"pipeline: recipe {recipe!r} was not tuned at size {size!r}")
+
+
+def member_values(e: EnsembleStageConfig, tuned: dict[str, Any]) -> dict[str, Any]:
+    """A member's knob values from the tuned single model's: the paper's rule (more epochs, less weight decay,
+    the same LR; Appendix C.2), the tuned values themselves, or explicit ones; ``overrides`` apply last."""
+    values = dict(tuned)
+    if e.rule == "paper":
+        values["train.epochs"] = float(values.get("train.epochs", 1.0)) * e.epochs_factor
+        values["optim.weight_decay"] = float(values.get("optim.weight_decay", 0.1)) * e.weight_decay_factor
+    elif e.rule == "explicit" and not e.overrides:
+        raise DataeffError("pipeline.ensembles.rule=explicit needs ensembles.overrides, the members' knob values")
+    return {**values, **e.overrides}
+
+
+def _ensemble_stage(cfg: PipelineConfig, tasks: list[Task], root: Path, progress: bool) -> dict[str, Any]:
+    """Train Kmax members per size through the executor, save each size's ensemble, and score every prefix
+    ensemble K = 1..Kmax by probability and logit averaging, plus learned weights on the fitness slice."""
+    e = cfg.ensembles
+    if e.members < 1:
+        return {}
+    sizes = e.sizes or cfg.sizes
+    plan = {s: member_values(e, _tuned(cfg, tasks, e.recipe, s).best) for s in sizes}
+    configs = {s: [member_config(run_config(cfg, s, _world_budget(cfg), plan[s], 0, "ensemble member"), i, e.vary)
+                   for i in range(e.members)] for s in sizes}
+    if progress:
+        print(f"[dataeff run] ensembles: {e.members} members at {len(sizes)} sizes", flush=True)
+    flat = [c for s in sizes for c in configs[s]]
+    jobs = {run_hash(r.config): r for r in run_jobs(flat, cfg.executor, root / "runs", progress=progress)}
+    out: dict[str, Any] = {}
+    for s in sizes:
+        results = [jobs[run_hash(c)] for c in configs[s]]
+        failed = [r for r in results if r.result is None]
+        entry: dict[str, Any] = {"member_values": plan[s], "members": [str(r.run_dir) for r in results]}
+        if failed:
+            entry["error"] = f"{len(failed)} of {e.members} members failed: {failed[0].error}"
+            out[s] = entry
+            continue
+        name = f"{cfg.name}: {s} x{e.members}"
+        path = save_ensemble(EnsembleSpec(name=name, members=entry["members"], combine=e.combine),
+                             root / "ensembles" / s / "ensemble.json")
+        d = score_ensemble(name, entry["members"], cfg.base, e.fitness_tokens, path.parent, progress=progress)
+        out[s] = {
+            **entry, "ensemble_file": str(path), "K": d["k"], "prob": [r["loss"] for r in d["prob"]],
+            "logit": [r["loss"] for r in d["logit"]] if d["logit"] else None,
+            "weighted": d["weighted"]["loss"] if d["weighted"] else None, "weights": d["weights"],
+            "member_losses": [r["loss"] for r in d["members"]],
+        }
+    return out
+
+
+def _distill_configs(cfg: PipelineConfig, tasks: list[Task], ensembles: dict[str, Any], synthetic: Path | None
+                     ) -> list[tuple[dict[str, Any], RunConfig]]:
+    """(student description, its config) for every student of the distillation stage but the chain's later
+    links, whose teachers are earlier students."""
+    d = cfg.distillation
+    assert d.size is not None
+    base_values = _tuned(cfg, tasks, cfg.ensembles.recipe, d.size).best
+    teacher = ensembles[d.size]["ensemble_file"]
+    seed = cfg.ensembles.members  # a seed no member used
+    students = []
+    if synthetic is not None:
+        values = {**base_values, **d.sequence_overrides, "data.synthetic": str(synthetic),
+                  "data.synthetic_share": d.synthetic_share}
+        students.append(({"name": "sequence-level", "kind": "sequence",
+                          "details": {"synthetic_share": d.synthetic_share, **d.sequence_overrides}},
+                         run_config(cfg, d.size, _world_budget(cfg), values, seed, "distillation")))
+    if d.kl_weight > 0:
+        students.append(({"name": "token-level", "kind": "token",
+                          "details": {"kl_weight": d.kl_weight, "temperature": d.temperature}},
+                         _kl_student(cfg, d.size, base_values, [teacher], seed)))
+    return students
+
+
+def _kl_student(cfg: PipelineConfig, size: str, values: dict[str, Any], teachers: list[str], seed: int) -> RunConfig:
+    d = cfg.distillation
+    return run_config(cfg, size, _world_budget(cfg), {
+        **values, "distill.teachers": teachers, "distill.weight": d.kl_weight, "distill.temperature": d.temperature,
+        "distill.teacher_cache": d.teacher_cache, "distill.top_k": d.top_k,
+    }, seed, "distillation")
+
+
+def _synthetic_corpus(cfg: PipelineConfig, ensemble_file: str, root: Path, progress: bool) -> Path:
+    """Sample the teacher ensemble's mixture unconditionally until the student's mixture has enough synthetic
+    tokens; written once (atomically) and reused, since the teacher and the seed fix it."""
+    d = cfg.distillation
+    out = root / "distill" / f"{d.size}-synthetic-{d.synthetic_share:g}.jsonl"
+    if out.exists():
+        return out
+    world = prepare(cfg.base.data, cfg.base.tokenizer, progress=False)
+    real = world.split("train").n_tokens
+    # Slack: samples are re-tokenized from text, which need not give back the same number of tokens.
+    need = math.ceil(real * d.synthetic_share / (1 - d.synthetic_share) * 1.1)
+    teacher = load_ensemble(ensemble_file, device=cfg.base.train.device)
+    tokenizer = world.tokenizer
+    max_new = min(d.sample_tokens, teacher.seq_len)
+    device = teacher.members[0].embed.weight.device
+    generator = torch.Generator(device=device).manual_seed(d.sample_seed)
+    rows: list[str] = []
+    have = 0
+    with tqdm(total=need, desc="sampling the teacher", unit="tok", disable=not progress) as bar:
+        while have < need:
+            outs = generate(teacher, [[tokenizer.eos_id]] * d.sample_batch, max_new_tokens=max_new,
+                            temperature=d.sample_temperature, eos_id=tokenizer.eos_id, generator=generator,
+                            batch_size=d.sample_batch, dtype=cfg.base.train.dtype)
+            for tokens in outs:
+                kept = tokens[:-1] if tokens and tokens[-1] == tokenizer.eos_id else tokens
+                if kept:
+                    rows.append(json.dumps({"text": tokenizer.decode(kept)}, ensure_ascii=False))
+                    have += len(kept) + 1
+                    bar.update(len(kept) + 1)
+    atomic_write_text(out, "\n".join(rows) + "\n")
+    return out
+
+
+def _distillation_stage(cfg: PipelineConfig, tasks: list[Task], ensembles: dict[str, Any], root: Path,
+                        progress: bool) -> dict[str, Any]:
+    """Students of one size taught by that size's ensemble (sequence- and token-level), and a chain of
+    self-distillation from one member: each link distils its predecessor while training on the real data."""
+    d = cfg.distillation
+    if d.size is None:
+        return {}
+    if d.size not in ensembles or "ensemble_file" not in ensembles[d.size]:
+        raise DataeffError(f"pipeline.distillation.size={d.size!r} has no trained ensemble; add it to ensembles.sizes "
+                           "and set ensembles.members")
+    ens = ensembles[d.size]
+    synthetic = _synthetic_corpus(cfg, ens["ensemble_file"], root, progress) if d.synthetic_share > 0 else None
+    students = _distill_configs(cfg, tasks, ensembles, synthetic)
+    if progress:
+        print(f"[dataeff run] distillation: {len(students)} students of size {d.size}", flush=True)
+    results = run_jobs([c for _, c in students], cfg.executor, root / "runs", progress=progress)
+    rows = [{**desc, "loss": _loss_of(r), "run_dir": str(r.run_dir), "error": r.error}
+            for (desc, _), r in zip(students, results, strict=True)]
+    # The chain runs one link at a time: each teacher is the previous link's finished run.
+    base_values = _tuned(cfg, tasks, cfg.ensembles.recipe, d.size).best
+    teacher = ens["members"][0]
+    for step in range(1, d.chain + 1):
+        rc = _kl_student(cfg, d.size, base_values, [teacher], cfg.ensembles.members + step)
+        [r] = run_jobs([rc], cfg.executor, root / "runs", progress=progress)
+        rows.append({"name": "self-distillation" if step == 1 else f"chain step {step}", "kind": "self" if step == 1 else "chain",
+                     "details": {"step": step, "teacher": teacher, "kl_weight": d.kl_weight, "temperature": d.temperature},
+                     "loss": _loss_of(r), "run_dir": str(r.run_dir), "error": r.error})
+        if r.result is None:
+            break
+        teacher = str(r.run_dir)
+    return {"size": d.size, "teacher_file": ens["ensemble_file"], "students": rows,
+            "synthetic_file": str(synthetic) if synthetic else None}
+
+
+def _loss_of(job: JobResult) -> float:
+    return float(job.result["val_loss"]) if job.result is not None else math.inf
+
+
+def _downstream_stage(cfg: PipelineConfig, tasks: list[Task], ensembles: dict[str, Any], distillation: dict[str, Any],
+                      root: Path, progress: bool) -> dict[str, Any]:
+    """Downstream accuracy of the single model, the ensemble and the students of one size."""
+    ds = cfg.downstream
+    if not ds.tasks:
+        return {}
+    for name in ds.tasks:
+        check_task(name)
+    size = ds.size or cfg.distillation.size or cfg.sizes[-1]
+    single = _tuned(cfg, tasks, cfg.ensembles.recipe, size).best_run_dir
+    models: list[tuple[str, str, list[str]]] = [(f"single {size}", "single", [single] if single else [])]
+    ens = ensembles.get(size, {})
+    if "ensemble_file" in ens:
+        models.append((f"ensemble {size} ×{len(ens['members'])}", "ensemble", ens["members"]))
+    for s in distillation.get("students", []):
+        if s.get("error") is None:
+            models.append((f"student: {s['name']}", "student", [s["run_dir"]]))
+    out = []
+    for label, kind, members in models:
+        if members:
+            out.append({"label": label, "kind": kind, "members": members,
+                        "results": _score_tasks(cfg, root, members, progress)})
+    return {"size": size, "tasks": list(ds.tasks), "limit": ds.limit, "models": out}
+
+
+def _score_tasks(cfg: PipelineConfig, root: Path, members: list[str], progress: bool) -> dict[str, Any]:
+    ds = cfg.downstream
+    key = {"members": members, "tasks": list(ds.tasks), "limit": ds.limit, "combine": cfg.ensembles.combine}
+    cache = root / "downstream" / f"{config_hash(key)}.json"
+    if cache.exists():
+        return json.loads(cache.read_text())["results"]
+    device = str(pick_device(cfg.base.train.device))
+    model = load_model(members[0], device=device) if len(members) == 1 else load_ensemble(members, cfg.ensembles.combine, device)
+    fn = log_prob_fn(model)
+    tokenizer = Tokenizer.load(Path(members[0]) / "tokenizer.json")
+    results = {name: evaluate_task(fn, tokenizer, name, load_task(name, limit=ds.limit), progress=progress)
+               for name in ds.tasks}
+    atomic_write_json(cache, {"key": key, "results": results})
+    return results
