@@ -32,6 +32,9 @@ def main(argv: list[str] | None = None) -> int:
         if pl is not None:
             lo, hi = m.get("power_law_ci", [float("nan")] * 2)
             print(f"data efficiency of {label}: {pl:.2f}x [{lo:.2f}, {hi:.2f}] (power law)")
+    for s in (results.get("distillation") or {}).get("students", []):
+        kept = f"{s['retained']:.0%} of the ensemble's gain" if s.get("retained") is not None else "no gain to keep"
+        print(f"distilled student ({s['name']}): loss {s['loss']:.3f}, keeps {kept}")
     print(f"report: {Path(cfg.root) / 'report' / 'report.html'}")
     return 0
 
