@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from test_train import tiny_config as train_tiny_config
 
 from dataeff import averaging
 from dataeff import checkpoint as ckpt
@@ -19,7 +20,6 @@ from dataeff.averaging import (
     snapshot_paths,
     snapshot_steps,
 )
-from dataeff.config import from_dict
 from dataeff.errors import DataeffError
 from dataeff.evaluate import batches
 from dataeff.evaluate_run import EvalConfig, run_eval
@@ -50,15 +50,8 @@ def _sgd_steps(model: Transformer, n: int, seed: int = 0):
 
 
 def tiny_config(corpus: Path, run_dir: Path, **train_over) -> RunConfig:
-    return from_dict(RunConfig, {
-        "run_dir": str(run_dir),
-        "data": {"corpus": str(corpus), "val_docs": 20, "cache_dir": str(run_dir.parent / "cache")},
-        "tokenizer": {"kind": "bpe", "vocab_size": 300},
-        "model": {"preset": "nano", "seq_len": 32},
-        "optim": {"lr": 1e-2, "weight_decay": 0.8},
-        "train": {"epochs": 3, "batch_tokens": 256, "progress": False, "threads": 1, "log_every": 1,
-                  "dtype": "fp32", **train_over},
-    })
+    # fp32: averaged weights are compared exactly between runs, which bf16 autocast would blur.
+    return train_tiny_config(corpus, run_dir, **{"dtype": "fp32", **train_over})
 
 
 # ---------------------------------------------------------------------------------------------------------
