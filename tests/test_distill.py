@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -166,3 +168,24 @@ def test_fitness_split_is_disjoint_from_train_and_val(small_corpus, tmp_path):
     assert fit_docs <= {d.strip() for d in docs["train"]}
     with pytest.raises(DataeffError, match=r"data\.train_tokens is unset"):
         fitness_split(prepared, DataConfig(**{**data.__dict__, "train_tokens": None}), 500)
+
+
+@pytest.mark.slow
+def test_two_process_ddp_with_a_topk_teacher_matches_single_process(small_corpus, tmp_path):
+    """Rank 0 alone builds the cache; the other rank waits for it, then both train on it."""
+    from test_train import _env, _write_cfg
+
+    teacher_dir = tmp_path / "teacher"
+    train(_config(small_corpus, teacher_dir, epochs=2))
+    over = {"epochs": 2, "batch_tokens": 512, "init_seed": 1, "data_seed": 1}
+    distill = {"teachers": [str(teacher_dir)], "weight": 0.5, "teacher_cache": "topk", "top_k": 16}
+    train(_config(small_corpus, tmp_path / "single", distill=distill, **over))
+    cfg_path = _write_cfg(_config(small_corpus, tmp_path / "ddp", distill=distill, **over), tmp_path / "ddp.yaml")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "dataeff.cli", "train", str(cfg_path)]
+    done = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    a = [r["train_loss"] for r in read_jsonl(tmp_path / "single" / "metrics.jsonl") if "train_loss" in r]
+    b = [r["train_loss"] for r in read_jsonl(tmp_path / "ddp" / "metrics.jsonl") if "train_loss" in r]
+    assert len(a) == len(b) > 5
+    assert max(abs(x - y) for x, y in zip(a, b, strict=True)) < 1e-3

@@ -81,3 +81,11 @@ def test_failed_member_is_named(small_corpus, tmp_path):
     cfg.base.model.seq_len = 4096  # more than the budget holds: the member fails
     with pytest.raises(DataeffError, match=r"1 of 1 members failed; first: .*fewer than one training sequence"):
         train_ensemble(cfg, progress=False)
+
+
+def test_fitness_without_a_budget_is_refused_before_training(small_corpus, tmp_path):
+    cfg = _config(small_corpus, tmp_path / "ens")
+    cfg.base.data.train_tokens = None
+    with pytest.raises(DataeffError, match=r"fitness_tokens needs base\.data\.train_tokens"):
+        train_ensemble(cfg, progress=False)
+    assert not (tmp_path / "ens" / "runs").exists()

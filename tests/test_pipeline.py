@@ -183,3 +183,16 @@ def test_pipeline_ensembles_joint_limit_distillation_and_downstream(small_corpus
     again = run_pipeline(cfg, progress=False)
     assert {p: p.stat().st_mtime_ns for p in (root / "runs").glob("*/DONE")} == stamps
     assert again["ensembles"]["per_size"] == ens["per_size"]
+
+
+def test_later_stages_are_checked_before_anything_trains(small_corpus, tmp_path):
+    root = tmp_path / "p"
+    with pytest.raises(DataeffError, match=r"distillation\.size='nano' needs an ensemble"):
+        run_pipeline(tiny_pipeline(small_corpus, root, distillation={"size": "nano"}), progress=False)
+    cfg = tiny_pipeline(small_corpus, root, ensembles={"members": 2}, distillation={"size": "nano"})
+    cfg.base.train.shuffle = "document"
+    with pytest.raises(DataeffError, match=r"teacher_cache=topk needs base\.train\.shuffle=sequence"):
+        run_pipeline(cfg, progress=False)
+    with pytest.raises(DataeffError, match="unknown task 'arc'"):
+        run_pipeline(tiny_pipeline(small_corpus, root, downstream={"tasks": ["arc"]}), progress=False)
+    assert not (root / "runs").exists()

@@ -133,8 +133,9 @@ class TopKCache:
 
 
 def _cache_meta(cfg: DistillConfig, order: EpochOrder) -> dict[str, object]:
-    return {"teachers": resolve_members(cfg.teachers)[0], "combine": cfg.combine, "top_k": cfg.top_k,
-            "windows": order.n, "seq_len": order.seq_len}
+    members, spec = resolve_members(cfg.teachers)
+    return {"teachers": members, "weights": spec.weights if spec else None, "combine": cfg.combine,
+            "top_k": cfg.top_k, "windows": order.n, "seq_len": order.seq_len}
 
 
 def build_topk_cache(cfg: DistillConfig, directory: Path, order: EpochOrder, tokenizer: Tokenizer,

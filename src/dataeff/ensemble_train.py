@@ -52,6 +52,12 @@ def train_ensemble(cfg: EnsembleTrainConfig, *, progress: bool = True) -> dict[s
     ``scores.json`` with every prefix ensemble's loss; returns the scores."""
     if cfg.members < 1:
         raise DataeffError(f"ensemble.members={cfg.members} must be at least 1")
+    if cfg.fitness_tokens < 0:
+        raise DataeffError(f"ensemble.fitness_tokens={cfg.fitness_tokens} must be 0 or more")
+    if cfg.fitness_tokens and cfg.base.data.train_tokens is None:
+        # Checked before training: the fitness split is the training pool outside the budget.
+        raise DataeffError("ensemble.fitness_tokens needs base.data.train_tokens (a budget leaving training "
+                           "documents out); set it, or fitness_tokens=0 for no learned weights")
     out = Path(cfg.out or Path("runs") / "ensembles" / cfg.name)
     configs = [member_config(cfg.base, i, cfg.vary, cfg.first_seed) for i in range(cfg.members)]
     jobs = run_jobs(configs, cfg.executor, out / "runs", progress=progress)
@@ -80,9 +86,12 @@ def score_ensemble(name: str, members: list[str], base: RunConfig, fitness_token
     fitness = fitness_split(prepared, base.data, fitness_tokens) if fitness_tokens else None
     ev = evaluate_ensemble(members, prepared.split("val"), fitness=fitness, max_tokens=t.final_eval_tokens,
                            batch_size=t.eval_batch_size, dtype=t.dtype, device=t.device, progress=progress)
+    weighted = out / "ensemble_weighted.json"
     if ev.weights is not None and ev.weights_learned:
         save_ensemble(EnsembleSpec(name=f"{name} (learned weights)", members=members, combine="prob",
-                                   weights=list(ev.weights)), out / "ensemble_weighted.json")
+                                   weights=list(ev.weights)), weighted)
+    else:
+        weighted.unlink(missing_ok=True)  # an earlier run's weights belong to other members or settings
     scores = {"name": name, "key": key, **ev.to_dict()}
     atomic_write_json(cache, scores)
     return scores

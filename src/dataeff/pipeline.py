@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from dataeff import scaling
 from dataeff.config import config_hash, from_dict, merge, option, section, to_dict, unflatten
 from dataeff.dist import pick_device
-from dataeff.ensemble import EnsembleSpec, load_ensemble, save_ensemble
+from dataeff.ensemble import EnsembleSpec, load_ensemble, resolve_members, save_ensemble
 from dataeff.ensemble_train import member_config, score_ensemble
 from dataeff.errors import DataeffError
 from dataeff.evaluate_run import load_model
@@ -224,6 +224,7 @@ def _job_key(cfg: PipelineConfig, task: Task, values: dict[str, Any], seed: int)
 
 def run_pipeline(cfg: PipelineConfig, *, progress: bool = True) -> dict[str, Any]:
     """Tune, fit and write ``results.json`` and the report under ``cfg.root``. Returns the results."""
+    _check_stages(cfg)
     root = Path(cfg.root)
     root.mkdir(parents=True, exist_ok=True)
     started = time.time()
@@ -509,6 +510,24 @@ def _verdict(recipes: list[RecipeConfig], fits: dict[str, Any], standard_best: f
 # Ensembles, distillation and downstream tasks: the stages after tuning
 
 
+def _check_stages(cfg: PipelineConfig) -> None:
+    """Refuse, before anything trains, settings the later stages would fail on after hours of tuning."""
+    e, d = cfg.ensembles, cfg.distillation
+    if e.members and e.recipe not in [r.name for r in recipes_of(cfg)]:
+        raise DataeffError(f"pipeline.ensembles.recipe: {e.recipe!r} is not one of the recipes")
+    if e.fitness_tokens < 0:
+        raise DataeffError(f"pipeline.ensembles.fitness_tokens={e.fitness_tokens} must be 0 or more")
+    if d.size is not None:
+        if e.members < 1 or d.size not in (e.sizes or cfg.sizes):
+            raise DataeffError(f"pipeline.distillation.size={d.size!r} needs an ensemble of that size: set "
+                               "ensembles.members and include the size in ensembles.sizes")
+        if (d.kl_weight > 0 or d.chain) and d.teacher_cache == "topk" and cfg.base.train.shuffle != "sequence":
+            raise DataeffError("pipeline.distillation.teacher_cache=topk needs base.train.shuffle=sequence; use "
+                               "teacher_cache=online with document shuffling")
+    for name in cfg.downstream.tasks:
+        check_task(name)
+
+
 def _tuned(cfg: PipelineConfig, tasks: list[Task], recipe: str, size: str) -> TuneResult:
     world = _world_budget(cfg)
     for t in tasks:
@@ -593,7 +612,7 @@ def _kl_student(cfg: PipelineConfig, size: str, values: dict[str, Any], teachers
     d = cfg.distillation
     return run_config(cfg, size, _world_budget(cfg), {
         **values, "distill.teachers": teachers, "distill.weight": d.kl_weight, "distill.temperature": d.temperature,
-        "distill.teacher_cache": d.teacher_cache, "distill.top_k": d.top_k,
+        "distill.teacher_cache": d.teacher_cache, "distill.top_k": d.top_k, "distill.combine": cfg.ensembles.combine,
     }, seed, "distillation")
 
 
@@ -601,14 +620,18 @@ def _synthetic_corpus(cfg: PipelineConfig, ensemble_file: str, root: Path, progr
     """Sample the teacher ensemble's mixture unconditionally until the student's mixture has enough synthetic
     tokens; written once (atomically) and reused, since the teacher and the seed fix it."""
     d = cfg.distillation
-    out = root / "distill" / f"{d.size}-synthetic-{d.synthetic_share:g}.jsonl"
-    if out.exists():
-        return out
     world = prepare(cfg.base.data, cfg.base.tokenizer, progress=False)
     real = world.split("train").n_tokens
+    # Named by everything the samples depend on, so a changed teacher or setting never reuses old samples.
+    key = {"teacher": resolve_members(ensemble_file)[0], "combine": cfg.ensembles.combine, "real_tokens": real,
+           **{f: getattr(d, f) for f in ("synthetic_share", "sample_tokens", "sample_temperature", "sample_batch",
+                                         "sample_seed")}}
+    out = root / "distill" / f"{d.size}-synthetic-{config_hash(key)}.jsonl"
+    if out.exists():
+        return out
     # Slack: samples are re-tokenized from text, which need not give back the same number of tokens.
     need = math.ceil(real * d.synthetic_share / (1 - d.synthetic_share) * 1.1)
-    teacher = load_ensemble(ensemble_file, device=cfg.base.train.device)
+    teacher = load_ensemble(ensemble_file, cfg.ensembles.combine, device=cfg.base.train.device)
     tokenizer = world.tokenizer
     max_new = min(d.sample_tokens, teacher.seq_len)
     device = teacher.members[0].embed.weight.device
@@ -616,7 +639,9 @@ def _synthetic_corpus(cfg: PipelineConfig, ensemble_file: str, root: Path, progr
     rows: list[str] = []
     have = 0
     with tqdm(total=need, desc="sampling the teacher", unit="tok", disable=not progress) as bar:
-        while have < need:
+        for _ in range(100 * math.ceil(need / (d.sample_batch * max_new))):
+            if have >= need:
+                break
             outs = generate(teacher, [[tokenizer.eos_id]] * d.sample_batch, max_new_tokens=max_new,
                             temperature=d.sample_temperature, eos_id=tokenizer.eos_id, generator=generator,
                             batch_size=d.sample_batch, dtype=cfg.base.train.dtype)
@@ -626,6 +651,9 @@ def _synthetic_corpus(cfg: PipelineConfig, ensemble_file: str, root: Path, progr
                     rows.append(json.dumps({"text": tokenizer.decode(kept)}, ensure_ascii=False))
                     have += len(kept) + 1
                     bar.update(len(kept) + 1)
+    if have < need:
+        raise DataeffError(f"distillation: the teacher {ensemble_file} sampled {have} of {need} synthetic tokens "
+                           "(it mostly ends documents at once); lower distillation.synthetic_share")
     atomic_write_text(out, "\n".join(rows) + "\n")
     return out
 
@@ -637,9 +665,8 @@ def _distillation_stage(cfg: PipelineConfig, tasks: list[Task], ensembles: dict[
     d = cfg.distillation
     if d.size is None:
         return {}
-    if d.size not in ensembles or "ensemble_file" not in ensembles[d.size]:
-        raise DataeffError(f"pipeline.distillation.size={d.size!r} has no trained ensemble; add it to ensembles.sizes "
-                           "and set ensembles.members")
+    if "ensemble_file" not in ensembles[d.size]:
+        raise DataeffError(f"pipeline.distillation: the {d.size} ensemble has no teacher: {ensembles[d.size]['error']}")
     ens = ensembles[d.size]
     synthetic = _synthetic_corpus(cfg, ens["ensemble_file"], root, progress) if d.synthetic_share > 0 else None
     students = _distill_configs(cfg, tasks, ensembles, synthetic)
@@ -674,8 +701,6 @@ def _downstream_stage(cfg: PipelineConfig, tasks: list[Task], ensembles: dict[st
     ds = cfg.downstream
     if not ds.tasks:
         return {}
-    for name in ds.tasks:
-        check_task(name)
     size = ds.size or cfg.distillation.size or cfg.sizes[-1]
     single = _tuned(cfg, tasks, cfg.ensembles.recipe, size).best_run_dir
     models: list[tuple[str, str, list[str]]] = [(f"single {size}", "single", [single] if single else [])]

@@ -276,12 +276,15 @@ def _train(cfg: RunConfig, run_dir: Path, info: dist.DistInfo) -> dict[str, Any]
     dist.barrier(info)
     teacher = None
     if cfg.distill.teachers:
-        teacher = make_teacher(cfg.distill, run_dir, order, prepared.tokenizer, device, t.dtype, build=info.is_main,
-                               progress=t.progress and info.is_main)
-        if cfg.distill.teacher_cache == "topk" and info.distributed:
+        # Rank 0 alone scores the teacher into the top-k cache; the other ranks open it once it is complete.
+        cached = cfg.distill.teacher_cache == "topk"
+        if info.is_main or not cached:
+            teacher = make_teacher(cfg.distill, run_dir, order, prepared.tokenizer, device, t.dtype, build=True,
+                                   progress=t.progress and info.is_main)
+        if cached:
             dist.barrier(info)
-            if not info.is_main:
-                teacher = make_teacher(cfg.distill, run_dir, order, prepared.tokenizer, device, t.dtype, build=False)
+        if teacher is None:
+            teacher = make_teacher(cfg.distill, run_dir, order, prepared.tokenizer, device, t.dtype, build=False)
 
     _reseed(t.data_seed, info.rank, 0)
     # Peak rates come from the config: a checkpoint's param groups hold the scheduled rate of its step.
