@@ -36,7 +36,7 @@ from dataeff.model import count_parameters
 from dataeff.sample import generate
 from dataeff.tasks import check_task, evaluate_task, load_task, log_prob_fn
 from dataeff.tokenizer import Tokenizer
-from dataeff.tokens import prepare
+from dataeff.tokens import prepare, synthetic_tokens
 from dataeff.train import RunConfig, run_hash
 from dataeff.tune import Evaluation, RecipeConfig, Tuner, TuneResult, builtin_recipes
 
@@ -630,7 +630,7 @@ def _synthetic_corpus(cfg: PipelineConfig, ensemble_file: str, root: Path, progr
     if out.exists():
         return out
     # Slack: samples are re-tokenized from text, which need not give back the same number of tokens.
-    need = math.ceil(real * d.synthetic_share / (1 - d.synthetic_share) * 1.1)
+    need = math.ceil(synthetic_tokens(real, d.synthetic_share) * 1.1)
     teacher = load_ensemble(ensemble_file, cfg.ensembles.combine, device=cfg.base.train.device)
     tokenizer = world.tokenizer
     max_new = min(d.sample_tokens, teacher.seq_len)

@@ -292,12 +292,17 @@ def prepare(data: DataConfig, tok: TokenizerConfig, *, progress: bool = True) ->
     return load_prepared(store)
 
 
+def synthetic_tokens(real_tokens: int, share: float) -> int:
+    """Synthetic tokens that make ``share`` of an epoch over ``real_tokens`` real ones: D·s/(1-s)."""
+    return round(real_tokens * share / (1.0 - share))
+
+
 def _write_synthetic(directory: Path, data: DataConfig, real_tokens: int, tokenizer: Tokenizer, dtype: np.dtype,
                      progress: bool) -> dict[str, int]:
     """The synthetic split: the first D·s/(1-s) tokens of the synthetic corpus, so that s of a mixed epoch is
     synthetic while the real tokens are each seen once."""
     assert data.synthetic is not None
-    need = round(real_tokens * data.synthetic_share / (1.0 - data.synthetic_share))
+    need = synthetic_tokens(real_tokens, data.synthetic_share)
     docs = read_path(data.synthetic, "auto", "blank_line", data.synthetic_field)
     stream = _write_split(directory, "synthetic", docs, tokenizer, dtype, need, progress)
     if stream.n_tokens < need:
