@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from dataeff.errors import DataeffError
-from dataeff.report import _band, write_report
+from dataeff.report import write_report
+from dataeff.report.write import _band
 
 WORLD = 2_000_000
 PARAMS = {"micro": 1_000_000, "mini": 4_000_000, "small": 16_000_000}

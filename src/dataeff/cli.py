@@ -25,14 +25,14 @@ class Command:
 
 
 def _prepare(cfg: Any) -> None:
-    from dataeff.tokens import prepare
+    from dataeff.data.tokens import prepare
 
     prepared = prepare(cfg.data, cfg.tokenizer, progress=cfg.train.progress)
     print(json.dumps({"store": str(prepared.path), **{k: prepared.meta[k] for k in ("vocab_size", "splits") if k in prepared.meta}}, indent=2))
 
 
 def _train(cfg: Any) -> None:
-    from dataeff.train import train
+    from dataeff.train.loop import train
 
     result = train(cfg)
     if result:
@@ -40,13 +40,13 @@ def _train(cfg: Any) -> None:
 
 
 def _eval(cfg: Any) -> None:
-    from dataeff.evaluate_run import run_eval
+    from dataeff.eval.command import run_eval
 
     print(json.dumps(run_eval(cfg), indent=2))
 
 
 def _pipeline(cfg: Any) -> None:
-    from dataeff.pipeline import run_pipeline
+    from dataeff.experiment.pipeline import run_pipeline
 
     results = run_pipeline(cfg)
     print("\n".join(results["verdict"]))
@@ -54,7 +54,7 @@ def _pipeline(cfg: Any) -> None:
 
 
 def _report(cfg: Any) -> None:
-    from dataeff.report import write_report
+    from dataeff.report.write import write_report
 
     paths = write_report(cfg.root)
     print("\n".join(str(p) for p in paths.values()))
@@ -66,7 +66,7 @@ class ReportConfig:
 
 
 def _pipeline_config() -> type:
-    from dataeff.pipeline import PipelineConfig
+    from dataeff.experiment.pipeline import PipelineConfig
 
     return PipelineConfig
 
@@ -76,43 +76,43 @@ def _report_config() -> type:
 
 
 def _run_config() -> type:
-    from dataeff.train import RunConfig
+    from dataeff.train.config import RunConfig
 
     return RunConfig
 
 
 def _eval_config() -> type:
-    from dataeff.evaluate_run import EvalConfig
+    from dataeff.eval.command import EvalConfig
 
     return EvalConfig
 
 
 def _runs(cfg: Any) -> None:
-    from dataeff.runstore import runs_command
+    from dataeff.experiment.runstore import runs_command
 
     print(runs_command(cfg))
 
 
 def _runs_config() -> type:
-    from dataeff.runstore import RunsConfig
+    from dataeff.experiment.runstore import RunsConfig
 
     return RunsConfig
 
 
 def _tasks(cfg: Any) -> None:
-    from dataeff.tasks import run_tasks
+    from dataeff.eval.tasks import run_tasks
 
     print(json.dumps(run_tasks(cfg), indent=2))
 
 
 def _tasks_config() -> type:
-    from dataeff.tasks import TasksConfig
+    from dataeff.eval.tasks import TasksConfig
 
     return TasksConfig
 
 
 def _sample(cfg: Any) -> None:
-    from dataeff.sample import sample
+    from dataeff.generate.sample import sample
 
     rows = sample(cfg)
     if cfg.out:
@@ -123,19 +123,19 @@ def _sample(cfg: Any) -> None:
 
 
 def _ensemble(cfg: Any) -> None:
-    from dataeff.ensemble_train import train_ensemble
+    from dataeff.experiment.ensemble_train import train_ensemble
 
     print(json.dumps(train_ensemble(cfg), indent=2))
 
 
 def _ensemble_config() -> type:
-    from dataeff.ensemble_train import EnsembleTrainConfig
+    from dataeff.experiment.ensemble_train import EnsembleTrainConfig
 
     return EnsembleTrainConfig
 
 
 def _sample_config() -> type:
-    from dataeff.sample import SampleConfig
+    from dataeff.generate.sample import SampleConfig
 
     return SampleConfig
 

@@ -6,9 +6,9 @@ import sys
 from pathlib import Path
 
 from dataeff.config import load
+from dataeff.data.tokens import prepare
 from dataeff.errors import DataeffError
-from dataeff.pipeline import PipelineConfig, run_pipeline
-from dataeff.tokens import prepare
+from dataeff.experiment.pipeline import PipelineConfig, run_pipeline
 
 CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo_pipeline.yaml"
 

@@ -22,9 +22,8 @@ import numpy as np
 from tqdm import tqdm
 
 from dataeff.config import to_dict
-from dataeff.data import (
-    DataConfig,
-    Format,
+from dataeff.data.config import DataConfig, Format, TokenizerConfig
+from dataeff.data.corpora import (
     corpus_fingerprint,
     corpus_name,
     default_tokenizer_kind,
@@ -32,9 +31,9 @@ from dataeff.data import (
     load_documents,
     read_path,
 )
+from dataeff.data.tokenizer import Tokenizer, build_tokenizer, resolve_kind
 from dataeff.errors import DataeffError
 from dataeff.fsutil import atomic_write_json
-from dataeff.tokenizer import Tokenizer, TokenizerConfig, build_tokenizer, resolve_kind
 
 # Bumped whenever the store layout or its tokenization rules change, so old stores are not reused.
 STORE_VERSION = 1

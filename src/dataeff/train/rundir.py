@@ -25,7 +25,14 @@ import numpy as np
 import torch
 
 import dataeff
+from dataeff.config import from_dict, read_yaml
+from dataeff.data.tokens import PreparedData, load_prepared, prepare
+from dataeff.errors import DataeffError
 from dataeff.fsutil import atomic_write_json, atomic_write_text, read_jsonl
+from dataeff.model.config import ModelConfig
+from dataeff.model.transformer import Transformer
+from dataeff.train import checkpoint as ckpt
+from dataeff.train.dist import pick_device
 
 DONE = "DONE"
 FAILED = "FAILED"
@@ -113,3 +120,49 @@ class MetricsLog:
 
     def rows(self) -> list[dict[str, Any]]:
         return read_jsonl(self.path)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# reading a finished run back
+
+
+def model_config(run_dir: str | Path) -> ModelConfig:
+    """The model config a run directory's manifest records."""
+    run_dir = Path(run_dir)
+    manifest = run_dir / "manifest.json"
+    if not manifest.exists():
+        raise DataeffError(f"{run_dir}: not a dataeff run directory (no manifest.json)")
+    try:
+        data = json.loads(manifest.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataeffError(f"{manifest}: malformed JSON ({e})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("model"), dict):
+        raise DataeffError(f"{manifest}: no 'model' entry (the run's model config)")
+    return from_dict(ModelConfig, data["model"], source=str(manifest))
+
+
+def load_model(run_dir: str | Path, weights: str | Path | None = None, device: str = "cpu") -> Transformer:
+    """The trained model of a run directory: its final weights, or those of a given checkpoint file."""
+    run_dir = Path(run_dir)
+    model_cfg = model_config(run_dir)
+    path = Path(weights) if weights else run_dir / "model.safetensors"
+    if not path.exists():
+        raise DataeffError(f"{path}: not found (is the run finished? `dataeff train` resumes it)")
+    model = Transformer(model_cfg, init_seed=None)
+    ckpt.load_weights(path, model)
+    return model.to(pick_device(device)).eval()
+
+
+def run_prepared(run_dir: str | Path) -> PreparedData:
+    """The token store a run trained on (rebuilt from its config if the cache was deleted)."""
+    from dataeff.train.config import RunConfig
+
+    run_dir = Path(run_dir)
+    manifest = run_dir / "manifest.json"
+    if manifest.exists():
+        store = Path(json.loads(manifest.read_text()).get("data_store", ""))
+        if (store / "meta.json").exists():
+            return load_prepared(store)
+    data, lines = read_yaml(run_dir / "config.yaml")
+    cfg = from_dict(RunConfig, data, source=str(run_dir / "config.yaml"), lines=lines)
+    return prepare(cfg.data, cfg.tokenizer, progress=False)

@@ -19,13 +19,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from dataeff import checkpoint as ckpt
 from dataeff.errors import DataeffError
-from dataeff.evaluate import EvalResult, batches, evaluate, summarize, token_nll
-from dataeff.model import Transformer
+from dataeff.eval.loss import EvalResult, batches, evaluate, summarize, token_nll
+from dataeff.model.transformer import Transformer
+from dataeff.train import checkpoint as ckpt
 
 if TYPE_CHECKING:
-    from dataeff.train import TrainConfig
+    from dataeff.train.config import TrainConfig
 
 EMA_FILE = "model_ema.safetensors"
 SWA_FILE = "model_swa.safetensors"

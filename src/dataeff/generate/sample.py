@@ -24,13 +24,13 @@ import torch
 import torch.nn.functional as F
 
 from dataeff.config import option
-from dataeff.dist import autocast
-from dataeff.ensemble import Combine, Ensemble, combine_log_probs, load_ensemble
+from dataeff.data.tokenizer import Tokenizer
 from dataeff.errors import DataeffError
-from dataeff.evaluate_run import load_model
+from dataeff.eval.ensemble import Combine, Ensemble, combine_log_probs, load_ensemble
 from dataeff.fsutil import atomic_path
-from dataeff.model import KVCache, Transformer, rope_cache
-from dataeff.tokenizer import Tokenizer
+from dataeff.model.transformer import KVCache, Transformer, rope_cache
+from dataeff.train.dist import autocast
+from dataeff.train.rundir import load_model
 
 Dtype = Literal["bf16", "fp32"]
 

@@ -29,8 +29,8 @@ try:
 except ImportError:
     raise DataeffError("dataeff.lm_eval_adapter needs lm-evaluation-harness: pip install lm-eval") from None
 
-from dataeff.tasks import encode_pairs, log_prob_fn, score_requests
-from dataeff.tokenizer import Tokenizer
+from dataeff.data.tokenizer import Tokenizer
+from dataeff.eval.tasks import encode_pairs, log_prob_fn, score_requests
 
 DEFAULT_BATCH_SIZE = 32
 
@@ -50,9 +50,9 @@ class DataeffLM(LM):
         max_gen_toks: int = 256,
     ) -> None:
         super().__init__()
-        from dataeff.dist import pick_device
-        from dataeff.ensemble import load_ensemble
-        from dataeff.evaluate_run import load_model
+        from dataeff.eval.ensemble import load_ensemble
+        from dataeff.train.dist import pick_device
+        from dataeff.train.rundir import load_model
 
         if isinstance(members, str):
             members = [m.strip() for m in members.strip("[]").split(",") if m.strip()]

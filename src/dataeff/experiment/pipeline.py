@@ -23,22 +23,22 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from dataeff import scaling
 from dataeff.config import config_hash, from_dict, merge, option, section, to_dict, unflatten
-from dataeff.dist import pick_device
-from dataeff.ensemble import EnsembleSpec, load_ensemble, resolve_members, save_ensemble
-from dataeff.ensemble_train import member_config, score_ensemble
+from dataeff.data.tokenizer import Tokenizer
+from dataeff.data.tokens import prepare, synthetic_tokens
 from dataeff.errors import DataeffError
-from dataeff.evaluate_run import load_model
-from dataeff.executor import ExecutorConfig, JobResult, run_jobs
+from dataeff.eval.ensemble import EnsembleSpec, load_ensemble, resolve_members, save_ensemble
+from dataeff.eval.tasks import check_task, evaluate_task, load_task, log_prob_fn
+from dataeff.experiment import scaling
+from dataeff.experiment.ensemble_train import member_config, score_ensemble
+from dataeff.experiment.executor import ExecutorConfig, JobResult, run_jobs
+from dataeff.experiment.tune import Evaluation, RecipeConfig, Tuner, TuneResult, builtin_recipes
 from dataeff.fsutil import atomic_write_json, atomic_write_text
-from dataeff.model import count_parameters
-from dataeff.sample import generate
-from dataeff.tasks import check_task, evaluate_task, load_task, log_prob_fn
-from dataeff.tokenizer import Tokenizer
-from dataeff.tokens import prepare, synthetic_tokens
-from dataeff.train import RunConfig, run_hash
-from dataeff.tune import Evaluation, RecipeConfig, Tuner, TuneResult, builtin_recipes
+from dataeff.generate.sample import generate
+from dataeff.model.config import count_parameters
+from dataeff.train.config import RunConfig, run_hash
+from dataeff.train.dist import pick_device
+from dataeff.train.rundir import load_model
 
 
 @dataclass
@@ -256,7 +256,7 @@ def run_pipeline(cfg: PipelineConfig, *, progress: bool = True) -> dict[str, Any
     results_doc = analyse(cfg, tasks, overfit, stores[0].tokenizer.vocab_size, ensembles, distillation, downstream)
     results_doc["seconds"] = time.time() - started
     atomic_write_json(root / "results.json", results_doc)
-    from dataeff.report import write_report
+    from dataeff.report.write import write_report
 
     write_report(root)
     return results_doc

@@ -28,8 +28,8 @@ import yaml
 from dataeff.config import from_dict, option
 from dataeff.errors import DataeffError
 from dataeff.fsutil import atomic_path
-from dataeff.rundir import DONE, FAILED, status
-from dataeff.train import RunConfig, run_hash
+from dataeff.train.config import RunConfig, run_hash
+from dataeff.train.rundir import DONE, FAILED, status
 
 DB_NAME = "runs.sqlite"
 # Bumped whenever the table changes; an index of another version is rebuilt from the run directories.

@@ -3,20 +3,16 @@ and optionally on downstream tasks."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from dataeff import checkpoint as ckpt
-from dataeff.config import from_dict, option, read_yaml
-from dataeff.dist import pick_device
+from dataeff.config import option
+from dataeff.data.tokens import PreparedData, TokenSplit, tokenize_file
 from dataeff.errors import DataeffError
-from dataeff.evaluate import evaluate
-from dataeff.model import ModelConfig, Transformer
-from dataeff.tokens import PreparedData, TokenSplit, load_prepared, prepare, tokenize_file
+from dataeff.eval.loss import evaluate
+from dataeff.train.rundir import load_model, run_prepared
 
 
 @dataclass
@@ -37,48 +33,6 @@ class EvalConfig:
     limit: int | None = option(None, "tasks: at most this many items per task (a seeded random subset)")
 
 
-def model_config(run_dir: str | Path) -> ModelConfig:
-    """The model config a run directory's manifest records."""
-    run_dir = Path(run_dir)
-    manifest = run_dir / "manifest.json"
-    if not manifest.exists():
-        raise DataeffError(f"{run_dir}: not a dataeff run directory (no manifest.json)")
-    try:
-        data = json.loads(manifest.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataeffError(f"{manifest}: malformed JSON ({e})") from None
-    if not isinstance(data, dict) or not isinstance(data.get("model"), dict):
-        raise DataeffError(f"{manifest}: no 'model' entry (the run's model config)")
-    return from_dict(ModelConfig, data["model"], source=str(manifest))
-
-
-def load_model(run_dir: str | Path, weights: str | Path | None = None, device: str = "cpu") -> Transformer:
-    """The trained model of a run directory: its final weights, or those of a given checkpoint file."""
-    run_dir = Path(run_dir)
-    model_cfg = model_config(run_dir)
-    path = Path(weights) if weights else run_dir / "model.safetensors"
-    if not path.exists():
-        raise DataeffError(f"{path}: not found (is the run finished? `dataeff train` resumes it)")
-    model = Transformer(model_cfg, init_seed=None)
-    ckpt.load_weights(path, model)
-    return model.to(pick_device(device)).eval()
-
-
-def run_prepared(run_dir: str | Path) -> PreparedData:
-    """The token store a run trained on (rebuilt from its config if the cache was deleted)."""
-    from dataeff.train import RunConfig
-
-    run_dir = Path(run_dir)
-    manifest = run_dir / "manifest.json"
-    if manifest.exists():
-        store = Path(json.loads(manifest.read_text()).get("data_store", ""))
-        if (store / "meta.json").exists():
-            return load_prepared(store)
-    data, lines = read_yaml(run_dir / "config.yaml")
-    cfg = from_dict(RunConfig, data, source=str(run_dir / "config.yaml"), lines=lines)
-    return prepare(cfg.data, cfg.tokenizer, progress=False)
-
-
 def _split(cfg: EvalConfig, prepared: PreparedData) -> tuple[TokenSplit, str]:
     if cfg.file:
         return tokenize_file(prepared, cfg.file), cfg.file
@@ -93,7 +47,7 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     ensemble = list(cfg.members) or ([cfg.run_dir] if cfg.run_dir.endswith(".json") else [])
     out = _eval_ensemble(cfg, ensemble) if ensemble else _eval_model(cfg)
     if cfg.tasks:
-        from dataeff.tasks import TasksConfig, run_tasks
+        from dataeff.eval.tasks import TasksConfig, run_tasks
 
         tasks = run_tasks(TasksConfig(run_dir="" if ensemble else cfg.run_dir, members=ensemble,
                                       tasks=list(cfg.tasks), limit=cfg.limit, device=cfg.device, progress=False))
@@ -102,7 +56,7 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
 
 
 def _eval_ensemble(cfg: EvalConfig, source: list[str]) -> dict[str, Any]:
-    from dataeff.ensemble import evaluate_ensemble, resolve_members
+    from dataeff.eval.ensemble import evaluate_ensemble, resolve_members
 
     if cfg.checkpoint:
         raise DataeffError("eval.checkpoint: an ensemble is scored with its members' final weights")

@@ -14,12 +14,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 from dataeff.config import option, section
-from dataeff.ensemble import EnsembleSpec, evaluate_ensemble, save_ensemble
+from dataeff.data.tokens import fitness_split, prepare
 from dataeff.errors import DataeffError
-from dataeff.executor import ExecutorConfig, run_jobs
+from dataeff.eval.ensemble import EnsembleSpec, evaluate_ensemble, save_ensemble
+from dataeff.experiment.executor import ExecutorConfig, run_jobs
 from dataeff.fsutil import atomic_write_json
-from dataeff.tokens import fitness_split, prepare
-from dataeff.train import RunConfig
+from dataeff.train.config import RunConfig
 
 Vary = Literal["both", "init", "data"]
 

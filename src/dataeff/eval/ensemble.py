@@ -31,13 +31,14 @@ from safetensors import safe_open
 from scipy.special import logsumexp
 from tqdm import tqdm
 
-from dataeff.dist import autocast, pick_device
+from dataeff.data.tokens import TokenSplit
 from dataeff.errors import DataeffError
-from dataeff.evaluate import EvalResult, batches, summarize
-from dataeff.evaluate_run import load_model, model_config
+from dataeff.eval.loss import EvalResult, batches, summarize
 from dataeff.fsutil import atomic_write_json
-from dataeff.model import ModelConfig, Transformer, count_parameters
-from dataeff.tokens import TokenSplit
+from dataeff.model.config import ModelConfig, count_parameters
+from dataeff.model.transformer import Transformer
+from dataeff.train.dist import autocast, pick_device
+from dataeff.train.rundir import load_model, model_config
 
 Combine = Literal["prob", "logit"]
 ENSEMBLE_FILE = "ensemble.json"

@@ -24,8 +24,9 @@ from tqdm.auto import tqdm
 
 from dataeff.config import dump_yaml, from_dict, option, read_yaml, to_dict
 from dataeff.errors import DataeffError
-from dataeff.rundir import FAILED, mark_failed, read_failure, read_result, status
-from dataeff.train import RunConfig, run_hash, run_identity, train
+from dataeff.train.config import RunConfig, run_hash, run_identity
+from dataeff.train.loop import train
+from dataeff.train.rundir import FAILED, mark_failed, read_failure, read_result, status
 
 
 @dataclass

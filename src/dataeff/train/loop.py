@@ -14,145 +14,27 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as tdist
 from tqdm.auto import tqdm
 
-from dataeff import averaging, dist
-from dataeff import checkpoint as ckpt
-from dataeff.config import config_hash, dump_yaml, from_dict, option, section, to_dict
-from dataeff.data import DataConfig
-from dataeff.distill import DistillConfig, make_teacher
+from dataeff.config import dump_yaml, from_dict, to_dict
+from dataeff.data.order import EpochOrder
+from dataeff.data.tokens import PreparedData, prepare
 from dataeff.errors import DataeffError
-from dataeff.evaluate import evaluate
+from dataeff.eval.loss import evaluate
 from dataeff.fsutil import atomic_write_json
-from dataeff.model import ModelConfig, Transformer, count_parameters, flops_per_token
-from dataeff.order import EpochOrder
-from dataeff.rundir import MetricsLog, manifest, mark_done, mark_failed, read_result, status
-from dataeff.tokenizer import TokenizerConfig
-from dataeff.tokens import PreparedData, prepare
-
-
-@dataclass
-class OptimConfig:
-    name: Literal["adamw", "muon"] = option("adamw", "adamw, or muon for hidden matrices with AdamW for the rest")
-    lr: float = option(3e-3, "peak learning rate (AdamW groups)")
-    weight_decay: float = option(0.1, "decoupled weight decay on matrices (the paper's optimum is 0.8-3.2)")
-    beta1: float = option(0.9, "AdamW beta1")
-    beta2: float = option(0.95, "AdamW beta2")
-    eps: float = option(1e-8, "AdamW epsilon")
-    muon_lr: float | None = option(None, "Muon learning rate (default: lr; Muon's update is RMS-matched to AdamW)")
-    muon_momentum: float = option(0.95, "Muon momentum")
-    grad_clip: float = option(1.0, "clip the global gradient norm to this (0: off)")
-    schedule: Literal["cosine", "wsd", "constant"] = option("cosine", "learning-rate schedule after warmup")
-    warmup: float = option(0.01, "warmup length as a fraction of all steps")
-    decay: float = option(0.2, "wsd: length of the final linear decay as a fraction of all steps")
-    min_lr_ratio: float = option(0.0, "final learning rate as a fraction of the peak")
-
-
-@dataclass
-class TrainConfig:
-    epochs: float = option(4.0, "passes over the token budget (fractional allowed)")
-    batch_tokens: int = option(8192, "global batch size in tokens (a multiple of model.seq_len)")
-    micro_batch_size: int = option(0, "sequences per forward pass per process (0: the whole per-process batch)")
-    shuffle: Literal["sequence", "document"] = option("sequence", "per-epoch reshuffle of sequences or of documents")
-    init_seed: int = option(0, "seed of the weight initialisation")
-    data_seed: int = option(0, "seed of the data order and dropout")
-    dtype: Literal["bf16", "fp32"] = option("bf16", "bf16 autocast (fp32 master weights) or plain fp32")
-    compile: bool = option(False, "torch.compile the model")
-    device: str = option("auto", "auto, cpu, cuda or mps")
-    threads: int = option(0, "torch intra-op threads (0: torch's default)")
-    eval_every: int = option(0, "steps between held-out evaluations (0: ten per run)")
-    eval_tokens: int = option(65536, "held-out tokens scored at periodic evaluations")
-    final_eval_tokens: int | None = option(None, "held-out tokens scored at the end (default: the whole split)")
-    eval_batch_size: int = option(16, "sequences per evaluation forward pass")
-    checkpoint_every: int = option(0, "steps between checkpoints (0: at every evaluation)")
-    keep_checkpoints: int = option(2, "checkpoints kept on disk (the newest ones)")
-    ema: float = option(0.0, "EMA of the weights: decay per optimizer step, e.g. 0.999 (0: off); saved as model_ema.safetensors")
-    snapshots: int = option(0, "weight snapshots evenly spaced over the last snapshot_fraction of training, the last at "
-                               "the final step; with 2 or more, their average (SWA) and snapshot ensemble are scored")
-    snapshot_fraction: float = option(0.25, "share of the run, at its end, that train.snapshots spans")
-    log_every: int = option(10, "steps between training-loss rows in metrics.jsonl")
-    progress: bool = option(True, "show a progress bar")
-
-
-@dataclass
-class RunConfig:
-    run_dir: str | None = option(None, "where the run lives (default: runs/<config hash>)")
-    data: DataConfig = section(DataConfig, "corpus and token budget")
-    tokenizer: TokenizerConfig = section(TokenizerConfig, "tokenizer")
-    model: ModelConfig = section(ModelConfig, "model shape")
-    optim: OptimConfig = section(OptimConfig, "optimizer and schedule")
-    train: TrainConfig = section(TrainConfig, "training loop")
-    distill: DistillConfig = section(DistillConfig, "token-level distillation from a teacher model or ensemble")
-
-
-# Fields that do not change what a run computes: they are left out of its identity.
-_NOT_IDENTITY = {("run_dir",), ("data", "cache_dir"), ("train", "progress"), ("train", "threads"), ("train", "log_every")}
-
-
-def run_identity(cfg: RunConfig) -> dict[str, Any]:
-    data = to_dict(cfg)
-    for path in _NOT_IDENTITY:
-        node = data
-        for key in path[:-1]:
-            node = node[key]
-        node.pop(path[-1], None)
-    return data
-
-
-def run_hash(cfg: RunConfig) -> str:
-    return config_hash(run_identity(cfg))
-
-
-def default_run_dir(cfg: RunConfig) -> Path:
-    return Path(cfg.run_dir) if cfg.run_dir else Path("runs") / run_hash(cfg)
-
-
-def lr_multiplier(step: int, total: int, o: OptimConfig) -> float:
-    """Warmup, then cosine or warmup-stable-decay, evaluated for the update made at ``step`` (0-based)."""
-    warmup = max(1, round(o.warmup * total)) if o.warmup > 0 else 0
-    if step < warmup:
-        return (step + 1) / warmup
-    if o.schedule == "constant":
-        return 1.0
-    if o.schedule == "cosine":
-        progress = (step - warmup) / max(1, total - warmup)
-        return o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-    decay_steps = max(1, round(o.decay * total))
-    decay_start = total - decay_steps
-    if step < decay_start:
-        return 1.0
-    progress = (step - decay_start + 1) / decay_steps
-    return o.min_lr_ratio + (1 - o.min_lr_ratio) * (1 - min(progress, 1.0))
-
-
-def build_optimizers(model: Transformer, o: OptimConfig) -> list[torch.optim.Optimizer]:
-    """AdamW with decay on matrices only; with ``muon``, Muon takes the hidden matrices instead."""
-    embeddings = {id(model.embed.weight)} | ({id(model.lm_head.weight)} if model.lm_head is not None else set())
-    hidden = [p for p in model.parameters() if p.dim() == 2 and id(p) not in embeddings]
-    other_matrices = [p for p in model.parameters() if p.dim() >= 2 and id(p) in embeddings]
-    vectors = [p for p in model.parameters() if p.dim() < 2]
-    adam_kwargs = {"lr": o.lr, "betas": (o.beta1, o.beta2), "eps": o.eps}
-    fused = {"fused": True} if next(model.parameters()).device.type in ("cpu", "cuda") else {}
-    if o.name == "muon":
-        muon = torch.optim.Muon(
-            hidden, lr=o.muon_lr or o.lr, weight_decay=o.weight_decay, momentum=o.muon_momentum,
-            adjust_lr_fn="match_rms_adamw",
-        )
-        adam = torch.optim.AdamW(
-            [{"params": other_matrices, "weight_decay": o.weight_decay}, {"params": vectors, "weight_decay": 0.0}],
-            **adam_kwargs, **fused,
-        )
-        return [adam, muon]
-    adam = torch.optim.AdamW(
-        [{"params": hidden + other_matrices, "weight_decay": o.weight_decay}, {"params": vectors, "weight_decay": 0.0}],
-        **adam_kwargs, **fused,
-    )
-    return [adam]
+from dataeff.model.config import count_parameters, flops_per_token
+from dataeff.model.transformer import Transformer
+from dataeff.train import averaging, dist
+from dataeff.train import checkpoint as ckpt
+from dataeff.train.config import RunConfig, default_run_dir, run_hash, run_identity
+from dataeff.train.distill import make_teacher
+from dataeff.train.optim import build_optimizers, lr_multiplier
+from dataeff.train.rundir import MetricsLog, manifest, mark_done, mark_failed, read_result, status
 
 
 @dataclass(frozen=True)

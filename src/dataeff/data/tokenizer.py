@@ -11,14 +11,12 @@ import hashlib
 import json
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from dataeff.config import option
+from dataeff.data.config import TokenizerConfig
 from dataeff.errors import DataeffError
 from dataeff.fsutil import atomic_write_text
 
@@ -29,24 +27,6 @@ WORD_UNK = "<unk>"
 EOS_CANDIDATES = (BPE_EOS, WORD_EOS, "</s>", "<|eos|>")
 
 _KINDS = {"BPE": "bpe", "WordLevel": "word"}
-
-
-@dataclass
-class TokenizerConfig:
-    kind: Literal["auto", "bpe", "word", "file"] = option(
-        "auto", "byte-level BPE, word-level, or an existing tokenizer.json (file); auto = the corpus's default"
-    )
-    vocab_size: int = option(
-        4096, "vocabulary size; for word-level a cap (all training words up to it, by frequency; the rest <unk>)"
-    )
-    path: str | None = option(None, "an existing tokenizer.json, for kind=file")
-    min_frequency: int = option(2, "minimum count of a BPE merge or of a word to enter the vocabulary")
-
-    def __post_init__(self) -> None:
-        if self.vocab_size < 2:
-            raise ValueError(f"vocab_size must be at least 2, got {self.vocab_size}")
-        if self.min_frequency < 1:
-            raise ValueError(f"min_frequency must be at least 1, got {self.min_frequency}")
 
 
 class Tokenizer:

@@ -35,10 +35,10 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from dataeff.config import option
-from dataeff.ensemble import Ensemble
+from dataeff.data.tokenizer import Tokenizer
 from dataeff.errors import DataeffError
-from dataeff.model import Transformer
-from dataeff.tokenizer import Tokenizer
+from dataeff.eval.ensemble import Ensemble
+from dataeff.model.transformer import Transformer
 
 # ---------------------------------------------------------------------------------------------------------
 # items
@@ -276,7 +276,7 @@ def load_task(name: str, root: str | Path | None = None, limit: int | None = Non
     """The items of a task in :data:`TASKS`, from ``root`` (default: ``$DATAEFF_DATA_DIR``)."""
     check_task(name)
     if root is None:
-        from dataeff.data import data_root
+        from dataeff.data.corpora import data_root
 
         root = data_root()
     return subset(TASKS[name].read(Path(root)), limit, seed)
@@ -478,10 +478,10 @@ class TasksConfig:
 
 def run_tasks(cfg: TasksConfig) -> dict[str, Any]:
     """Every task of ``cfg.tasks`` on the run (or ensemble): metrics, item count and chance rate per task."""
-    from dataeff.dist import pick_device
-    from dataeff.ensemble import load_ensemble
-    from dataeff.evaluate_run import load_model
+    from dataeff.eval.ensemble import load_ensemble
     from dataeff.fsutil import atomic_write_json
+    from dataeff.train.dist import pick_device
+    from dataeff.train.rundir import load_model
 
     if bool(cfg.run_dir) == bool(cfg.members):
         raise DataeffError("tasks: give exactly one of a run directory (`dataeff tasks runs/abc`) and members=[run1,run2]")

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dataeff.dist import autocast
+from dataeff.train.dist import autocast
 
 
 @dataclass(frozen=True)

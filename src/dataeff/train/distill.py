@@ -17,46 +17,23 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from dataeff.config import option
-from dataeff.dist import autocast
-from dataeff.ensemble import Ensemble, load_ensemble, resolve_members
+from dataeff.data.order import EpochOrder
+from dataeff.data.tokenizer import Tokenizer
 from dataeff.errors import DataeffError
+from dataeff.eval.ensemble import Ensemble, load_ensemble, resolve_members
 from dataeff.fsutil import atomic_write_json
-from dataeff.order import EpochOrder
-from dataeff.tokenizer import Tokenizer
+from dataeff.train.config import DistillConfig
+from dataeff.train.dist import autocast
 
 CACHE_DIR = "teacher_topk"
 _COMPLETE = ".complete"
-
-
-@dataclass
-class DistillConfig:
-    teachers: list[str] = option(
-        [], "the teacher: run directories (several form an ensemble) or one ensemble.json; empty: no distillation")
-    combine: Literal["prob", "logit"] = option("prob", "how an ensemble teacher's members combine per token")
-    weight: float = option(0.5, "α: loss = (1-α)·cross-entropy + α·T²·KL(teacher ‖ student); 1 = KL only")
-    temperature: float = option(1.0, "softmax temperature T of teacher and student inside the KL")
-    teacher_cache: Literal["online", "topk"] = option(
-        "online", "online: teachers stay resident and run on every batch; topk: their top-k log-probs per training "
-        "position are computed once, stored in the run directory and read from disk (needs train.shuffle=sequence)")
-    top_k: int = option(64, "topk: teacher log-probs kept per position")
-
-    def __post_init__(self) -> None:
-        if not 0.0 < self.weight <= 1.0:
-            raise ValueError(f"weight (α) must be in (0, 1], got {self.weight}")
-        if not self.temperature > 0:
-            raise ValueError(f"temperature must be positive, got {self.temperature}")
-        if self.top_k < 1:
-            raise ValueError(f"top_k must be at least 1, got {self.top_k}")
 
 
 def distill_loss(logits: torch.Tensor, targets: torch.Tensor, cfg: DistillConfig, *,

@@ -1,0 +1,85 @@
+"""The data layer's configs: which corpus, which token budget, which tokenizer. Imports nothing but configs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from dataeff.config import option
+
+Format = Literal["auto", "txt", "jsonl", "parquet", "hf"]
+
+
+@dataclass
+class DataConfig:
+    corpus: str = option(
+        "tinystories",
+        "a named corpus (tinystories, wikitext2, tinyshakespeare), a .txt/.jsonl/.parquet file or a directory of "
+        "them, or hf:<name> for a Hugging Face dataset",
+    )
+    format: Format = option("auto", "file format; auto = from the file extension (hf for hf:<name>)")
+    separator: str = option(
+        "auto",
+        "how .txt files split into documents: blank_line, line (one document per line) or a literal string such "
+        "as <|endoftext|>; auto = the named corpus's own, else blank_line",
+    )
+    text_field: str = option("text", "the text field of .jsonl records, .parquet columns and HF datasets")
+    hf_config: str | None = option(None, "Hugging Face dataset configuration name")
+    hf_split: str = option("train", "Hugging Face split used for training")
+    hf_data_files: str | None = option(
+        None, "data_files for a Hugging Face builder such as json, parquet or text (a path or glob)"
+    )
+    val_split: str | None = option(
+        None,
+        "a separate validation source: a file or directory (an HF split name for hf:<name>); named corpora fill "
+        "it; when none, documents are held out of the training split",
+    )
+    val_fraction: float = option(0.05, "fraction of training documents held out for validation when there is no val_split")
+    val_docs: int | None = option(None, "number of documents held out for validation (overrides val_fraction)")
+    split_seed: int = option(0, "seed of the document-level validation hold-out")
+    train_tokens: int | None = option(
+        None, "token budget D of the training split (EOS tokens count); null = the whole training split"
+    )
+    budget_seed: int = option(0, "seed of the document shuffle that picks the token budget; same seed = nested budgets")
+    synthetic: str | None = option(
+        None,
+        "a synthetic corpus (.jsonl, .txt or .parquet, e.g. samples of a teacher) mixed into the training split; it "
+        "is tokenized with the real data's tokenizer",
+    )
+    synthetic_field: str = option("text", "the text field of the synthetic corpus's records")
+    synthetic_share: float = option(
+        0.0,
+        "share of every epoch's training tokens that are synthetic: the first D·s/(1-s) synthetic tokens join the "
+        "D real ones, so the real data is still seen once per epoch (the paper used 0.75-0.9)",
+    )
+    cache_dir: str = option("cache", "directory for prepared token stores (relative to the working directory)")
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.synthetic_share < 1.0:
+            raise ValueError(f"synthetic_share must be in [0, 1), got {self.synthetic_share}")
+        if (self.synthetic is None) != (self.synthetic_share == 0.0):
+            raise ValueError("synthetic and synthetic_share are set together: a synthetic corpus and its share above 0")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be between 0 and 1, got {self.val_fraction}")
+        if self.val_docs is not None and self.val_docs < 1:
+            raise ValueError(f"val_docs must be at least 1, got {self.val_docs}")
+        if self.train_tokens is not None and self.train_tokens < 1:
+            raise ValueError(f"train_tokens must be at least 1, got {self.train_tokens}")
+
+
+@dataclass
+class TokenizerConfig:
+    kind: Literal["auto", "bpe", "word", "file"] = option(
+        "auto", "byte-level BPE, word-level, or an existing tokenizer.json (file); auto = the corpus's default"
+    )
+    vocab_size: int = option(
+        4096, "vocabulary size; for word-level a cap (all training words up to it, by frequency; the rest <unk>)"
+    )
+    path: str | None = option(None, "an existing tokenizer.json, for kind=file")
+    min_frequency: int = option(2, "minimum count of a BPE merge or of a word to enter the vocabulary")
+
+    def __post_init__(self) -> None:
+        if self.vocab_size < 2:
+            raise ValueError(f"vocab_size must be at least 2, got {self.vocab_size}")
+        if self.min_frequency < 1:
+            raise ValueError(f"min_frequency must be at least 1, got {self.min_frequency}")

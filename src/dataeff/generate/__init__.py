@@ -1,0 +1,1 @@
+"""Generation: the KV-cached sampler for runs and ensembles (``sample``)."""
