@@ -11,7 +11,9 @@ import torch
 from dataeff.config import option
 from dataeff.data.tokens import PreparedData, TokenSplit, tokenize_file
 from dataeff.errors import DataeffError
+from dataeff.eval.ensemble import evaluate_ensemble, resolve_members
 from dataeff.eval.loss import evaluate
+from dataeff.eval.tasks import TasksConfig, run_tasks
 from dataeff.train.rundir import load_model, run_prepared
 
 
@@ -47,8 +49,6 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     ensemble = list(cfg.members) or ([cfg.run_dir] if cfg.run_dir.endswith(".json") else [])
     out = _eval_ensemble(cfg, ensemble) if ensemble else _eval_model(cfg)
     if cfg.tasks:
-        from dataeff.eval.tasks import TasksConfig, run_tasks
-
         tasks = run_tasks(TasksConfig(run_dir="" if ensemble else cfg.run_dir, members=ensemble,
                                       tasks=list(cfg.tasks), limit=cfg.limit, device=cfg.device, progress=False))
         out["tasks"] = tasks["tasks"]
@@ -56,8 +56,6 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
 
 
 def _eval_ensemble(cfg: EvalConfig, source: list[str]) -> dict[str, Any]:
-    from dataeff.eval.ensemble import evaluate_ensemble, resolve_members
-
     if cfg.checkpoint:
         raise DataeffError("eval.checkpoint: an ensemble is scored with its members' final weights")
     members, _ = resolve_members(source)

@@ -30,7 +30,10 @@ except ImportError:
     raise DataeffError("dataeff.lm_eval_adapter needs lm-evaluation-harness: pip install lm-eval") from None
 
 from dataeff.data.tokenizer import Tokenizer
+from dataeff.eval.ensemble import load_ensemble
 from dataeff.eval.tasks import encode_pairs, log_prob_fn, score_requests
+from dataeff.train.dist import pick_device
+from dataeff.train.rundir import load_model
 
 DEFAULT_BATCH_SIZE = 32
 
@@ -50,10 +53,6 @@ class DataeffLM(LM):
         max_gen_toks: int = 256,
     ) -> None:
         super().__init__()
-        from dataeff.eval.ensemble import load_ensemble
-        from dataeff.train.dist import pick_device
-        from dataeff.train.rundir import load_model
-
         if isinstance(members, str):
             members = [m.strip() for m in members.strip("[]").split(",") if m.strip()]
         if bool(run_dir) == bool(members):

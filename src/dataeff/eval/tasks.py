@@ -19,6 +19,7 @@ Conventions shared with :mod:`dataeff.lm_eval_adapter`, so both give the same nu
 from __future__ import annotations
 
 import bz2
+import difflib
 import json
 import math
 import re
@@ -35,10 +36,14 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from dataeff.config import option
+from dataeff.data.corpora import data_root
 from dataeff.data.tokenizer import Tokenizer
 from dataeff.errors import DataeffError
-from dataeff.eval.ensemble import Ensemble
+from dataeff.eval.ensemble import Ensemble, load_ensemble
+from dataeff.fsutil import atomic_write_json
 from dataeff.model.transformer import Transformer
+from dataeff.train.dist import pick_device
+from dataeff.train.rundir import load_model
 
 # ---------------------------------------------------------------------------------------------------------
 # items
@@ -265,8 +270,6 @@ def subset(items: Sequence[Item], limit: int | None, seed: int | None = 0) -> li
 
 def check_task(name: str) -> None:
     if name not in TASKS:
-        import difflib
-
         close = difflib.get_close_matches(name, list(TASKS), n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise DataeffError(f"tasks: unknown task {name!r}{hint}; choose from {', '.join(TASKS)}")
@@ -276,8 +279,6 @@ def load_task(name: str, root: str | Path | None = None, limit: int | None = Non
     """The items of a task in :data:`TASKS`, from ``root`` (default: ``$DATAEFF_DATA_DIR``)."""
     check_task(name)
     if root is None:
-        from dataeff.data.corpora import data_root
-
         root = data_root()
     return subset(TASKS[name].read(Path(root)), limit, seed)
 
@@ -478,11 +479,6 @@ class TasksConfig:
 
 def run_tasks(cfg: TasksConfig) -> dict[str, Any]:
     """Every task of ``cfg.tasks`` on the run (or ensemble): metrics, item count and chance rate per task."""
-    from dataeff.eval.ensemble import load_ensemble
-    from dataeff.fsutil import atomic_write_json
-    from dataeff.train.dist import pick_device
-    from dataeff.train.rundir import load_model
-
     if bool(cfg.run_dir) == bool(cfg.members):
         raise DataeffError("tasks: give exactly one of a run directory (`dataeff tasks runs/abc`) and members=[run1,run2]")
     for name in cfg.tasks:

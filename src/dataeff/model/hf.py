@@ -32,7 +32,7 @@ from dataeff.config import from_dict
 from dataeff.errors import DataeffError
 from dataeff.model.config import ModelConfig
 from dataeff.model.transformer import Transformer
-from dataeff.train.checkpoint import assign_weights, model_state, read_safetensors
+from dataeff.model.weights import assign_weights, model_state, read_safetensors
 
 
 def _weight_map(cfg: ModelConfig) -> list[tuple[str, list[str]]]:

@@ -14,7 +14,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -23,9 +23,7 @@ from dataeff.errors import DataeffError
 from dataeff.eval.loss import EvalResult, batches, evaluate, summarize, token_nll
 from dataeff.model.transformer import Transformer
 from dataeff.train import checkpoint as ckpt
-
-if TYPE_CHECKING:
-    from dataeff.train.config import TrainConfig
+from dataeff.train.config import TrainConfig
 
 EMA_FILE = "model_ema.safetensors"
 SWA_FILE = "model_swa.safetensors"

@@ -1,4 +1,4 @@
-"""Safetensors checkpoints holding model, optimizer and RNG state, written atomically.
+"""Training checkpoints: safetensors files holding model, optimizer and RNG state, written atomically.
 
 Nothing here unpickles: tensors go to safetensors, everything else to the JSON metadata of the same file,
 so a checkpoint from an untrusted source cannot run code.
@@ -13,11 +13,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from dataeff.errors import DataeffError
 from dataeff.fsutil import atomic_path
+from dataeff.model.weights import assign_weights, load_weights, model_state, read_safetensors, save_weights
+
+# The weight files of dataeff.model.weights were defined here before the layered layout.
+__all__ = ["assign_weights", "checkpoint_path", "list_checkpoints", "load_checkpoint", "load_extra_tensors", "load_weights",
+           "model_state", "prune_checkpoints", "read_safetensors", "save_checkpoint", "save_weights"]
 
 _STEP_FILE = re.compile(r"^step_(\d{9})\.safetensors$")
 # Prefix of a checkpoint's extra tensors, apart from the model.* and opt*.* ones.
@@ -47,49 +51,6 @@ def _unflatten_optimizer(rest: dict[str, Any], tensors: dict[str, torch.Tensor])
             for key, value in entry.items()
         }
     return {"state": state, "param_groups": rest["param_groups"]}
-
-
-def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Weights detached and contiguous on the CPU."""
-    return {name: t.detach().cpu().contiguous() for name, t in model.state_dict().items()}
-
-
-def save_weights(path: str | Path, model: torch.nn.Module, metadata: dict[str, Any] | None = None) -> None:
-    meta = {"dataeff": json.dumps(metadata or {})}
-    with atomic_path(path) as tmp:
-        save_file(model_state(model), str(tmp), metadata=meta)
-
-
-def assign_weights(model: torch.nn.Module, tensors: dict[str, torch.Tensor], source: str | Path) -> None:
-    """Load ``tensors`` (final weights, or a training checkpoint's ``model.*``) into ``model``, checking fit first."""
-    if any(k.startswith("model.") for k in tensors):
-        tensors = {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")}
-    expected = model.state_dict()
-    # Checked here because load_state_dict reports shape mismatches as a multi-line RuntimeError.
-    bad = sorted(set(expected) ^ set(tensors)) or [k for k in expected if tensors[k].shape != expected[k].shape]
-    if bad:
-        raise DataeffError(f"{source}: weights do not fit the model (first mismatch: {bad[0]})")
-    model.load_state_dict(tensors)
-
-
-def load_weights(path: str | Path, model: torch.nn.Module) -> dict[str, Any]:
-    """Load weights into ``model``; return the stored metadata."""
-    tensors, meta = read_safetensors(path)
-    assign_weights(model, tensors, path)
-    return json.loads(meta.get("dataeff", "{}"))
-
-
-def read_safetensors(path: str | Path, prefix: str = "") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Tensors (those whose names start with ``prefix``: the others are never read) and metadata."""
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}  # noqa: SIM118 (safe_open is not a mapping)
-    except FileNotFoundError:
-        raise DataeffError(f"{path}: checkpoint not found") from None
-    except Exception as e:  # safetensors raises its own error types for truncated or corrupt files
-        raise DataeffError(f"{path}: corrupt or unreadable safetensors file ({type(e).__name__}: {e})") from None
-    return tensors, meta
 
 
 def save_checkpoint(

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as tdist
 from tqdm.auto import tqdm
 
-from dataeff.config import dump_yaml, from_dict, to_dict
+from dataeff.config import dump_yaml, from_dict, read_yaml, to_dict
 from dataeff.data.order import EpochOrder
 from dataeff.data.tokens import PreparedData, prepare
 from dataeff.errors import DataeffError
@@ -83,8 +83,6 @@ def _prepare_on_rank0(cfg: RunConfig, info: dist.DistInfo) -> PreparedData:
 
 
 def _check_run_dir(run_dir: Path, cfg: RunConfig) -> None:
-    from dataeff.config import read_yaml
-
     existing = run_dir / "config.yaml"
     if existing.exists():
         data, _ = read_yaml(existing)

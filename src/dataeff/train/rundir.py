@@ -32,6 +32,7 @@ from dataeff.fsutil import atomic_write_json, atomic_write_text, read_jsonl
 from dataeff.model.config import ModelConfig
 from dataeff.model.transformer import Transformer
 from dataeff.train import checkpoint as ckpt
+from dataeff.train.config import RunConfig
 from dataeff.train.dist import pick_device
 
 DONE = "DONE"
@@ -155,8 +156,6 @@ def load_model(run_dir: str | Path, weights: str | Path | None = None, device: s
 
 def run_prepared(run_dir: str | Path) -> PreparedData:
     """The token store a run trained on (rebuilt from its config if the cache was deleted)."""
-    from dataeff.train.config import RunConfig
-
     run_dir = Path(run_dir)
     manifest = run_dir / "manifest.json"
     if manifest.exists():
