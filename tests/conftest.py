@@ -28,11 +28,21 @@ _WORDS = [
 ]
 
 
-@pytest.fixture
-def small_corpus(tmp_path: Path) -> Path:
+def write_small_corpus(directory: Path) -> Path:
     """A blank-line separated .txt corpus of 200 short synthetic documents (seeded, so always the same)."""
     rng = np.random.default_rng(0)
     docs = [" ".join(rng.choice(_WORDS, size=int(rng.integers(5, 40)))) + "." for _ in range(200)]
-    path = tmp_path / "small.txt"
+    path = directory / "small.txt"
     path.write_text("\n\n".join(docs) + "\n", encoding="utf-8")
     return path
+
+
+@pytest.fixture
+def small_corpus(tmp_path: Path) -> Path:
+    return write_small_corpus(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def small_corpus_module(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The same corpus, shared by a module's tests (for a base run trained once)."""
+    return write_small_corpus(tmp_path_factory.mktemp("corpus"))

@@ -1,12 +1,15 @@
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import pytest
 
 from dataeff.config import config_hash, describe, from_dict, load, option, parse_overrides, section, to_dict
 from dataeff.errors import DataeffError
+from dataeff.train.config import RunConfig, TrainConfig, run_hash
 
 
 @dataclass
@@ -73,3 +76,54 @@ def test_mutable_defaults_are_not_shared():
 def test_describe_lists_every_leaf_with_default():
     rows = {name: default for name, default, _ in describe(Outer)}
     assert rows == {"name": '"x"', "steps": "null", "inner.lr": "0.003", "inner.kind": '"a"', "inner.sizes": "[1, 2]"}
+
+
+SNAPSHOT = Path(__file__).parent / "identity_defaults.json"
+
+
+def test_a_changed_default_comes_with_a_new_identity_version() -> None:
+    """Run and store identities leave defaults out, so a changed default must bump IDENTITY_VERSION (and, for
+    data and tokenizer fields, STORE_VERSION); then rewrite tests/identity_defaults.json with the new defaults."""
+    from dataeff.data.tokens import STORE_VERSION
+    from dataeff.train.config import IDENTITY_VERSION
+
+    snapshot = json.loads(SNAPSHOT.read_text())
+    now = {name: json.loads(default) for name, default, _ in describe(RunConfig)}
+    changed = sorted(k for k, v in snapshot["defaults"].items() if now.get(k, "<removed>") != v)
+    stores = [k for k in changed if k.startswith(("data.", "tokenizer."))]
+    assert not changed or snapshot["run_identity_version"] != IDENTITY_VERSION, f"defaults changed: {changed}"
+    assert not stores or snapshot["store_version"] != STORE_VERSION, f"data defaults changed: {stores}"
+
+
+@dataclass
+class NewTrain(TrainConfig):
+    shiny: float = option(0.5, "a field added after runs were trained")
+
+
+@dataclass
+class NewRun(RunConfig):
+    train: NewTrain = section(NewTrain, "training loop")
+
+
+def test_a_new_field_with_a_default_keeps_every_run_identity() -> None:
+    data = {"optim": {"lr": 1e-2}, "train": {"epochs": 3}, "model": {"preset": "nano"}}
+    old, new = from_dict(RunConfig, data), from_dict(NewRun, data)
+    assert run_hash(new) == run_hash(old)
+    assert run_hash(from_dict(NewRun, {**data, "train": {"epochs": 3, "shiny": 0.7}})) != run_hash(old)
+    # Spelling out a default is the same run as leaving it out.
+    assert run_hash(from_dict(RunConfig, {**data, "train": {"epochs": 3, "batch_tokens": 8192}})) == run_hash(old)
+
+
+def test_a_run_trained_before_a_field_was_added_is_found_after(small_corpus, tmp_path) -> None:
+    from dataeff.experiment.executor import ExecutorConfig, run_jobs
+
+    data = {"data": {"corpus": str(small_corpus), "val_docs": 20, "cache_dir": str(tmp_path / "cache")},
+            "tokenizer": {"kind": "bpe", "vocab_size": 300}, "model": {"preset": "nano", "seq_len": 32},
+            "train": {"epochs": 1, "batch_tokens": 256, "progress": False}}
+    [first] = run_jobs([from_dict(RunConfig, data)], ExecutorConfig(workers=1, threads_per_worker=1), tmp_path / "runs",
+                       progress=False)
+    stamp = (first.run_dir / "DONE").stat().st_mtime_ns
+    [again] = run_jobs([from_dict(NewRun, data)], ExecutorConfig(workers=1, threads_per_worker=1), tmp_path / "runs",
+                       progress=False)
+    assert again.status == "skipped" and again.run_dir == first.run_dir and again.result == first.result
+    assert (first.run_dir / "DONE").stat().st_mtime_ns == stamp

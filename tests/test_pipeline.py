@@ -57,22 +57,23 @@ def test_plan_refuses_bad_recipes(small_corpus, tmp_path):
 def test_pipeline_tunes_fits_and_reruns_nothing(small_corpus, tmp_path):
     cfg = tiny_pipeline(small_corpus, tmp_path / "p", confirm_seeds=[1])
     results = run_pipeline(cfg, progress=False)
-    tuned = {(r["recipe"], r["size"], r["budget"]): r for r in results["tuned"]}
+    tuning = results["tuning"]
+    tuned = {(r.recipe, r.size, r.budget): r for r in tuning.tuned}
     assert len(tuned) == 2 * 3 + 2  # recipes × sizes at the world budget, plus two extra budgets
     for r in tuned.values():
         # Every point the tuner trained is recorded, the optimum among them.
-        assert all(e["values"] for e in r["evaluations"]) and r["best"] in [e["values"] for e in r["evaluations"]]
+        assert all(e.values for e in r.evaluations) and r.best in [e.values for e in r.evaluations]
         # The tuned optimum's loss is its mean over the tuning and confirmation seeds.
-        best = next(e for e in r["evaluations"] if e["values"] == r["best"])
-        assert len(best["seed_losses"]) == 2 and r["best_loss"] == pytest.approx(sum(best["seed_losses"]) / 2)
-        assert r["certified"] is False or "none is better" in r["reason"]
+        best = next(e for e in r.evaluations if e.values == r.best)
+        assert len(best.seed_losses) == 2 and r.best_loss == pytest.approx(sum(best.seed_losses) / 2)
+        assert r.certified is False or "none is better" in r.reason
     # Optima retrained on a second seed: the intervals come from the measured seed noise (parametric bootstrap).
-    assert results["seed_sigma"] > 0
+    assert tuning.seed_sigma > 0
     for name in ("standard", "regularized"):
-        fit = results["fits"][name]
-        assert fit["method"] == "parametric" and fit["E_ci"][0] <= fit["E"] <= fit["E_ci"][1]
-    assert results["data_scaling"]["budgets"] == [500, 1000, 1500]
-    assert len(results["verdict"]) == 2
+        fit = tuning.fits[name]
+        assert fit.method == "parametric" and fit.E_ci[0] <= fit.E <= fit.E_ci[1]
+    assert tuning.data_scaling.budgets == [500, 1000, 1500]
+    assert len(tuning.verdict) == 2
     root = tmp_path / "p"
     assert (root / "results.json").exists() and (root / "report" / "report.html").exists()
 
@@ -80,7 +81,7 @@ def test_pipeline_tunes_fits_and_reruns_nothing(small_corpus, tmp_path):
     stamps = {p: p.stat().st_mtime_ns for p in (root / "runs").glob("*/DONE")}
     again = run_pipeline(cfg, progress=False)
     assert {p: p.stat().st_mtime_ns for p in (root / "runs").glob("*/DONE")} == stamps
-    assert again["fits"]["regularized"].get("E") == results["fits"]["regularized"].get("E")
+    assert again["tuning"].fits["regularized"].E == tuning.fits["regularized"].E
 
 
 @pytest.mark.slow
@@ -104,7 +105,7 @@ def test_killed_pipeline_resumes_without_training_any_run_twice(small_corpus, tm
 
     subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=600)
     results = json.loads((root / "results.json").read_text())
-    assert all(math.isfinite(r["best_loss"]) for r in results["tuned"])
+    assert all(math.isfinite(r["best_loss"]) for r in results["tuning"]["tuned"])
     for run_dir, stamp in done_before.items():
         assert (run_dir / "DONE").stat().st_mtime_ns == stamp, f"{run_dir} was trained again"
     for done in (root / "runs").glob("*/DONE"):
@@ -136,53 +137,53 @@ def test_pipeline_ensembles_joint_limit_distillation_and_downstream(small_corpus
     )
     results = run_pipeline(cfg, progress=False)
     ens = results["ensembles"]
-    tuned = {r["size"]: r for r in results["tuned"] if r["budget"] == 1500}
-    for size, row in ens["per_size"].items():
-        assert row["K"] == [1, 2, 3, 4] and len(row["prob"]) == len(row["logit"]) == 4
+    tuned = {r.size: r for r in results["tuning"].tuned if r.budget == 1500}
+    for size, row in ens.per_size.items():
+        assert row.K == [1, 2, 3, 4] and len(row.prob) == len(row.logit) == 4
         # Members: the paper's rule applied to the tuned single model, seeds 0..3.
-        best = tuned[size]["best"]
-        assert row["member_values"]["train.epochs"] == 2 * best["train.epochs"]
-        assert row["member_values"]["optim.weight_decay"] == pytest.approx(best["optim.weight_decay"] / 2)
-        members = [json.loads((Path(m) / "DONE").read_text()) for m in row["members"]]
-        seeds = [json.loads((Path(m) / "manifest.json").read_text())["seeds"] for m in row["members"]]
+        best = tuned[size].best
+        assert row.member_values["train.epochs"] == 2 * best["train.epochs"]
+        assert row.member_values["optim.weight_decay"] == pytest.approx(best["optim.weight_decay"] / 2)
+        members = [json.loads((Path(m) / "DONE").read_text()) for m in row.members]
+        seeds = [json.loads((Path(m) / "manifest.json").read_text())["seeds"] for m in row.members]
         assert [s["init_seed"] for s in seeds] == [0, 1, 2, 3] == [s["data_seed"] for s in seeds]
         # K = 1 is member 0 alone, scored on the same tokens as its own final evaluation.
-        assert row["prob"][0] == pytest.approx(members[0]["val_loss"], abs=1e-4)
-        assert row["member_losses"] == pytest.approx([m["val_loss"] for m in members], abs=1e-4)
+        assert row.prob[0] == pytest.approx(members[0]["val_loss"], abs=1e-4)
+        assert row.member_losses == pytest.approx([m["val_loss"] for m in members], abs=1e-4)
         # Averaging probabilities never loses to the members' mean loss (Jensen).
-        assert row["prob"][-1] <= sum(row["member_losses"]) / 4 + 1e-9
-        assert len(row["weights"]) == 4 and sum(row["weights"]) == pytest.approx(1.0)
-        assert Path(row["ensemble_file"]).exists()
-        assert "E" in row["k_fit"], row["k_fit"]
-    jl = ens["joint_limit"]
-    if "E" in jl:  # a world this small may give a K-law asymptote of 0, which the N-law cannot take
-        assert jl["E_ci"][0] <= jl["E"] <= jl["E_ci"][1] and set(jl["E_N"]) == set(ens["per_size"])
+        assert row.prob[-1] <= sum(row.member_losses) / 4 + 1e-9
+        assert len(row.weights) == 4 and sum(row.weights) == pytest.approx(1.0)
+        assert Path(row.ensemble_file).exists()
+        assert row.k_fit.refused is None, row.k_fit
+    jl = ens.joint_limit
+    if jl.refused is None:  # a world this small may give a K-law asymptote of 0, which the N-law cannot take
+        assert jl.E_ci[0] <= jl.E <= jl.E_ci[1] and set(jl.E_N) == set(ens.per_size)
     else:
-        assert "asymptote is 0" in jl["refused"]
+        assert "asymptote is 0" in jl.refused
 
     dist = results["distillation"]
-    kinds = [s["kind"] for s in dist["students"]]
+    kinds = [s.kind for s in dist.students]
     assert kinds == ["sequence", "token", "self", "chain"]
-    gain = dist["single_loss"] - dist["ensemble_loss"]
-    for s in dist["students"]:
-        assert math.isfinite(s["loss"])
+    gain = dist.single_loss - dist.ensemble_loss
+    for s in dist.students:
+        assert math.isfinite(s.loss)
         if gain > 0:
-            assert s["retained"] == pytest.approx((dist["single_loss"] - s["loss"]) / gain)
-    seq = json.loads((Path(dist["students"][0]["run_dir"]) / "DONE").read_text())
+            assert s.retained == pytest.approx((dist.single_loss - s.loss) / gain)
+    seq = json.loads((Path(dist.students[0].run_dir) / "DONE").read_text())
     assert seq["synthetic_tokens"] == seq["train_tokens"]  # share 0.5: as many synthetic tokens as real ones
-    chain = [s for s in dist["students"] if s["kind"] in ("self", "chain")]
-    assert chain[1]["details"]["teacher"] == chain[0]["run_dir"]
+    chain = [s for s in dist.students if s.kind in ("self", "chain")]
+    assert chain[1].details["teacher"] == chain[0].run_dir
 
     down = results["downstream"]
-    assert [m["kind"] for m in down["models"]] == ["single", "ensemble", "student", "student", "student", "student"]
-    for m in down["models"]:
-        assert set(m["results"]) == {"blimp", "arc_easy"}
+    assert [m.kind for m in down.models] == ["single", "ensemble", "student", "student", "student", "student"]
+    for m in down.models:
+        assert set(m.results) == {"blimp", "arc_easy"}
     assert (root / "report" / "report.html").exists()
 
     stamps = {p: p.stat().st_mtime_ns for p in (root / "runs").glob("*/DONE")}
     again = run_pipeline(cfg, progress=False)
     assert {p: p.stat().st_mtime_ns for p in (root / "runs").glob("*/DONE")} == stamps
-    assert again["ensembles"]["per_size"] == ens["per_size"]
+    assert again["ensembles"].per_size == ens.per_size
 
 
 def test_later_stages_are_checked_before_anything_trains(small_corpus, tmp_path):

@@ -49,7 +49,7 @@ def _pipeline(cfg: Any) -> None:
     from dataeff.experiment.pipeline import run_pipeline
 
     results = run_pipeline(cfg)
-    print("\n".join(results["verdict"]))
+    print("\n".join(results.verdict()))
     print(f"report: {cfg.root}/report/report.html")
 
 
@@ -66,7 +66,7 @@ class ReportConfig:
 
 
 def _pipeline_config() -> type:
-    from dataeff.experiment.pipeline import PipelineConfig
+    from dataeff.experiment.config import PipelineConfig
 
     return PipelineConfig
 

@@ -143,7 +143,8 @@ def _coerce(value: Any, tp: Any, path: str, where: _Where) -> Any:
     if origin is dict:
         if not isinstance(value, dict):
             raise DataeffError(f"{where(path)}: field '{path}': expected a mapping, got {value!r}")
-        return dict(value)
+        item = args[1] if len(args) == 2 else Any
+        return {k: _coerce(v, item, f"{path}.{k}", where) for k, v in value.items()}
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -205,6 +206,10 @@ def _from_dict(cls: type[T], data: dict[str, Any], prefix: str, where: _Where) -
             hint = f"; did you mean '{prefix}{close}'?" if close else f"; valid keys here: {', '.join(valid)}"
             raise DataeffError(f"{where(path)}: unknown config key '{path}'{hint}")
         kwargs[key] = _coerce(value, hints[key], path, where)
+    missing = [name for name, f in fields.items() if name not in kwargs and f.init
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise DataeffError(f"{where(prefix + missing[0])}: field '{prefix}{missing[0]}' is missing")
     try:
         obj = cls(**kwargs)
     except DataeffError:
@@ -214,9 +219,14 @@ def _from_dict(cls: type[T], data: dict[str, Any], prefix: str, where: _Where) -
     return obj
 
 
-def from_dict(cls: type[T], data: dict[str, Any], *, source: str = "<config>", lines: dict[str, int] | None = None) -> T:
-    """Build ``cls`` from a nested mapping, refusing unknown keys and ill-typed values."""
-    return _from_dict(cls, data, "", _Where(source, lines))
+def from_dict(cls: type[T], data: dict[str, Any], *, source: str = "<config>", lines: dict[str, int] | None = None,
+              prefix: str = "") -> T:
+    """Build ``cls`` from a nested mapping, refusing unknown keys and ill-typed values. Errors name fields by
+    their dotted path, after ``prefix`` when the mapping is a part of a larger document."""
+    if not isinstance(data, dict):
+        raise DataeffError(f"{source}: {('field ' + repr(prefix.rstrip('.'))) if prefix else 'document'}: expected a "
+                           f"mapping, got {type(data).__name__}")
+    return _from_dict(cls, data, prefix, _Where(source, lines))
 
 
 def to_dict(obj: Any) -> Any:
@@ -228,6 +238,28 @@ def to_dict(obj: Any) -> Any:
     if isinstance(obj, dict):
         return {k: to_dict(v) for k, v in obj.items()}
     return obj
+
+
+def non_default(obj: Any) -> dict[str, Any]:
+    """The fields of a config that differ from their defaults, nested sections included (emptied ones dropped).
+
+    Identities built from this survive new fields: a field added with a default leaves every existing identity
+    as it was. Changing a default silently changes what an identity means, so the identities built from this
+    carry a version that is bumped whenever a default changes.
+    """
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            nested = non_default(value)
+            if nested:
+                out[f.name] = nested
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else dataclasses.MISSING)
+        if default is dataclasses.MISSING or to_dict(value) != to_dict(default):
+            out[f.name] = to_dict(value)
+    return out
 
 
 def replace(obj: T, **changes: Any) -> T:

@@ -8,7 +8,8 @@ from pathlib import Path
 from dataeff.config import load
 from dataeff.data.tokens import prepare
 from dataeff.errors import DataeffError
-from dataeff.experiment.pipeline import PipelineConfig, run_pipeline
+from dataeff.experiment.config import PipelineConfig
+from dataeff.experiment.pipeline import run_pipeline
 
 CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo_pipeline.yaml"
 
@@ -22,19 +23,22 @@ def main(argv: list[str] | None = None) -> int:
     except DataeffError as e:
         print(f"dataeff: error: {e}", file=sys.stderr)
         return 1
-    best = min(r["best_loss"] for r in results["tuned"] if r["budget"] == results["world_tokens"])
-    print(f"\nworld: {results['world_tokens']:,} TinyStories tokens; best held-out loss {best:.3f} nats/token "
+    tuning = results["tuning"]
+    best = min(t.best_loss for t in tuning.tuned if t.budget == results.world_tokens and t.best_loss is not None)
+    print(f"\nworld: {results.world_tokens:,} TinyStories tokens; best held-out loss {best:.3f} nats/token "
           f"vs unigram entropy {entropy:.3f}")
-    for line in results["verdict"]:
+    for line in results.verdict():
         print(line)
-    for label, m in results["multipliers"].items():
-        pl = m.get("power_law")
-        if pl is not None:
-            lo, hi = m.get("power_law_ci", [float("nan")] * 2)
-            print(f"data efficiency of {label}: {pl:.2f}x [{lo:.2f}, {hi:.2f}] (power law)")
-    for s in (results.get("distillation") or {}).get("students", []):
-        kept = f"{s['retained']:.0%} of the ensemble's gain" if s.get("retained") is not None else "no gain to keep"
-        print(f"distilled student ({s['name']}): loss {s['loss']:.3f}, keeps {kept}")
+    for label, m in results.multipliers().items():
+        if m.power_law_ci is not None:
+            lo, hi = (f"{v:.2f}" if v is not None else "inf" for v in m.power_law_ci)
+            pl = f"{m.power_law:.2f}" if m.power_law is not None else "inf"
+            print(f"data efficiency of {label}: {pl}x [{lo}, {hi}] (power law)")
+    distillation = results.stages.get("distillation")
+    for s in distillation.students if distillation is not None else []:
+        kept = f"{s.retained:.0%} of the ensemble's gain" if s.retained is not None else "no gain to keep"
+        print(f"distilled student ({s.name}): loss {s.loss:.3f}, keeps {kept}" if s.loss is not None
+              else f"distilled student ({s.name}): failed ({s.error})")
     print(f"report: {Path(cfg.root) / 'report' / 'report.html'}")
     return 0
 

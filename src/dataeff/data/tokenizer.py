@@ -46,6 +46,11 @@ class Tokenizer:
         self.vocab_size: int = max(hf.get_vocab(with_added_tokens=True).values()) + 1
         blob = json.dumps(canonical, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
         self.sha256: str = hashlib.sha256(blob.encode()).hexdigest()
+        # What token ids mean, and how text becomes them: equal for the same tokenizer however it was saved
+        # (a Hugging Face export adds post-processing and padding settings that change no id).
+        vocab = json.dumps(sorted(hf.get_vocab(with_added_tokens=True).items()), separators=(",", ":"), ensure_ascii=False)
+        model = json.dumps(canonical.get("model"), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+        self.ids_sha256: str = hashlib.sha256(f"{vocab}\n{model}".encode()).hexdigest()
 
     def encode(self, text: str) -> list[int]:
         return self.hf.encode(text, add_special_tokens=False).ids

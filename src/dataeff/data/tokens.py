@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from dataeff.config import to_dict
+from dataeff.config import non_default, to_dict
 from dataeff.data.config import DataConfig, Format, TokenizerConfig
 from dataeff.data.corpora import (
     corpus_fingerprint,
@@ -35,8 +35,9 @@ from dataeff.data.tokenizer import Tokenizer, build_tokenizer, resolve_kind
 from dataeff.errors import DataeffError
 from dataeff.fsutil import atomic_write_json
 
-# Bumped whenever the store layout or its tokenization rules change, so old stores are not reused.
-STORE_VERSION = 1
+# Bumped whenever the store layout, its tokenization rules, or a default of DataConfig or TokenizerConfig
+# changes (store identities leave defaults out), so old stores are not reused.
+STORE_VERSION = 2
 COMPLETE_MARKER = ".complete"
 _BATCH_DOCS = 1024
 # Fields that change where things are kept, not what they contain.
@@ -193,7 +194,7 @@ def _hash(obj: Any) -> str:
 
 
 def _tokenizer_identity(tok: TokenizerConfig, kind: str) -> dict[str, Any]:
-    identity = {**to_dict(tok), "kind": kind}
+    identity = {**non_default(tok), "kind": kind}
     if kind == "file":
         if tok.path is None:
             raise DataeffError("tokenizer.kind=file needs tokenizer.path, the tokenizer.json to load")
@@ -219,7 +220,7 @@ def _cached_tokenizer(
 def _store_keys(data: DataConfig, tok: TokenizerConfig) -> tuple[Path, str, str]:
     """(store directory, tokenizer cache key, resolved tokenizer kind)."""
     kind = resolve_kind(tok, default_tokenizer_kind(data))
-    fields = {k: v for k, v in to_dict(data).items() if k not in _NOT_IDENTITY}
+    fields = {k: v for k, v in non_default(data).items() if k not in _NOT_IDENTITY}
     unbudgeted = {k: v for k, v in fields.items() if k not in _BUDGET_FIELDS}
     common = {"version": STORE_VERSION, "corpus": corpus_fingerprint(data), "tokenizer": _tokenizer_identity(tok, kind)}
     name = corpus_name(data)
@@ -289,6 +290,17 @@ def prepare(data: DataConfig, tok: TokenizerConfig, *, progress: bool = True) ->
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return load_prepared(store)
+
+
+def training_stream(prepared: PreparedData) -> tuple[np.ndarray, np.ndarray]:
+    """The tokens a run trains on and their document offsets: the training split, then (for sequence-level
+    distillation or any synthetic corpus) the synthetic split's documents after the real ones."""
+    train = prepared.split("train")
+    if "synthetic" not in prepared.splits:
+        return train.tokens, train.doc_offsets
+    syn = prepared.split("synthetic")
+    return (np.concatenate([train.tokens, syn.tokens]),
+            np.concatenate([train.doc_offsets, syn.doc_offsets[1:] + train.n_tokens]))
 
 
 def synthetic_tokens(real_tokens: int, share: float) -> int:

@@ -502,3 +502,8 @@ def run_tasks(cfg: TasksConfig) -> dict[str, Any]:
     if cfg.out:
         atomic_write_json(cfg.out, out)
     return out
+
+
+def tasks_job(cfg: TasksConfig, out_dir: Path) -> dict[str, Any]:
+    """The executor's job of scoring tasks: the results become the job's DONE metrics."""
+    return run_tasks(cfg)

@@ -1,14 +1,21 @@
-"""Run many training jobs: a process pool on one machine, or Ray tasks on a cluster.
+"""Run many jobs: a process pool on one machine, or Ray tasks on a cluster.
 
-A job is a pure function of its config and lives in ``<root>/<config hash>``, so the executor decides from
-the run directory alone what is left to do: DONE runs are skipped without starting a worker, FAILED ones
-are skipped unless asked to retry, and partial ones (a killed sweep) resume from their last checkpoint.
-A job that raises never takes the sweep down: it is written as a FAILED marker and reported.
+A job is any function named by its dotted path, ``fn(config, out_dir) -> metrics``, with a config dataclass
+and an output directory: training runs (:func:`run_jobs`), and the pipeline's other heavy work (sampling a
+teacher, scoring tasks), so that on Ray it all runs on the cluster. Every job is a pure function of its
+config, so the executor decides from the directory alone what is left to do: DONE jobs are skipped without
+starting a worker, FAILED ones are skipped unless asked to retry, and partial ones (a killed sweep) start
+again (a training run resumes from its last checkpoint). A job that raises never takes the sweep down: it is
+written as a FAILED marker and reported.
+
+A training run's directory is described by its ``config.yaml``; any other job's by ``job.yaml`` (its function
+and config), so a directory is never taken for another config's.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import multiprocessing
 import os
 import threading
@@ -22,11 +29,10 @@ from typing import Any, Literal
 
 from tqdm.auto import tqdm
 
-from dataeff.config import dump_yaml, from_dict, option, read_yaml, to_dict
+from dataeff.config import config_hash, dump_yaml, from_dict, option, read_yaml, to_dict
 from dataeff.errors import DataeffError
 from dataeff.train.config import RunConfig, run_hash, run_identity
-from dataeff.train.loop import train
-from dataeff.train.rundir import FAILED, mark_failed, read_failure, read_result, status
+from dataeff.train.rundir import FAILED, mark_done, mark_failed, read_failure, read_result, status
 
 
 @dataclass
@@ -45,12 +51,30 @@ class ExecutorConfig:
 
 
 Outcome = tuple[Literal["done", "failed"], dict[str, Any] | None, str | None, float]
+TRAIN = "dataeff.train.loop:train_job"
+JOB_FILE = "job.yaml"
+
+
+@dataclass(frozen=True)
+class Job:
+    """One unit of work: ``fn(config, out_dir)`` returns the metrics its DONE marker holds.
+
+    ``fn`` is ``"package.module:function"``; ``config`` a config dataclass, rebuilt in the worker from its
+    plain form (so it crosses process and machine boundaries as data, never as a pickle of code).
+    """
+
+    fn: str
+    config: Any
+    out_dir: Path
+
+    def identity(self) -> dict[str, Any]:
+        return {"fn": self.fn, "config": run_identity(self.config) if self.fn == TRAIN else to_dict(self.config)}
 
 
 @dataclass(frozen=True)
 class JobResult:
-    config: RunConfig
-    run_dir: Path
+    config: Any  # the job's config (a RunConfig for training runs)
+    run_dir: Path  # the job's output directory
     status: Literal["done", "skipped", "failed"]  # skipped: nothing ran (DONE already, or FAILED and not retried)
     result: dict[str, Any] | None  # the DONE metrics
     error: str | None  # one line: why it failed now or before
@@ -85,15 +109,32 @@ def _one_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {first}" if first else type(e).__name__
 
 
-def _owns(run_dir: Path, cfg: RunConfig) -> bool:
-    """Whether ``run_dir`` is this job's: a directory holding another config's run must not be marked."""
-    existing = run_dir / "config.yaml"
-    if not existing.exists():
-        return True
+def _describe(job: Job) -> dict[str, Any]:
+    """What a job's directory records of it: a run's config.yaml holds its config; any other job's job.yaml
+    holds its function and config."""
+    return {"fn": job.fn, "config": to_dict(job.config)}
+
+
+def _recorded(job: Job) -> dict[str, Any] | None:
+    """The identity of the job whose record ``job.out_dir`` holds (None when it holds none)."""
+    if job.fn == TRAIN:
+        path = job.out_dir / "config.yaml"
+        return {"fn": TRAIN, "config": run_identity(from_dict(RunConfig, read_yaml(path)[0], source=str(path)))} \
+            if path.exists() else None
+    path = job.out_dir / JOB_FILE
+    if not path.exists():
+        return None
+    data = read_yaml(path)[0]
+    return {"fn": data.get("fn"), "config": data.get("config")}
+
+
+def _owns(job: Job) -> bool:
+    """Whether ``job.out_dir`` is this job's: a directory holding another config's work must not be marked."""
     try:
-        return run_identity(from_dict(RunConfig, read_yaml(existing)[0])) == run_identity(cfg)
+        recorded = _recorded(job)
     except DataeffError:
         return False
+    return recorded is None or recorded == job.identity()
 
 
 def _exit_with(driver: int) -> None:
@@ -120,22 +161,32 @@ def _init_worker(threads: int, environ: dict[str, str], driver: int) -> None:
     torch.set_num_threads(threads)
 
 
+def _resolve(dotted: str) -> Any:
+    module, _, name = dotted.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
 def _run_job(data: dict[str, Any]) -> Outcome:
-    """Train one run; any exception becomes a FAILED marker and an error line, never a crashed sweep."""
+    """Run one job; any exception becomes a FAILED marker and an error line, never a crashed sweep."""
     start = time.perf_counter()
-    cfg = from_dict(RunConfig, data, source="<executor job>")
-    run_dir = Path(cfg.run_dir)  # type: ignore[arg-type]
+    cls = _resolve(data["config_type"])
+    job = Job(data["fn"], from_dict(cls, data["config"], source="<executor job>"), Path(data["out_dir"]))
     # Reached with a FAILED marker only when retrying; removing it lets a new failure be told from the old one.
-    (run_dir / FAILED).unlink(missing_ok=True)
+    (job.out_dir / FAILED).unlink(missing_ok=True)
     try:
-        result = train(cfg)
+        if job.fn != TRAIN:
+            job.out_dir.mkdir(parents=True, exist_ok=True)
+            dump_yaml(_describe(job), job.out_dir / JOB_FILE)
+        result = _resolve(job.fn)(job.config, job.out_dir)
+        if status(job.out_dir) != "done":
+            mark_done(job.out_dir, result)
     except Exception as e:
         error = _one_line(e)
-        if status(run_dir) != "failed" and _owns(run_dir, cfg):
-            if not (run_dir / "config.yaml").exists():
-                dump_yaml(cfg, run_dir / "config.yaml")  # so the failed run is self-describing and indexable
+        if status(job.out_dir) != "failed" and _owns(job):
+            if job.fn == TRAIN and not (job.out_dir / "config.yaml").exists():
+                dump_yaml(job.config, job.out_dir / "config.yaml")  # so the failed run is self-describing and indexable
             details = {} if isinstance(e, DataeffError) else {"traceback": traceback.format_exc()}
-            mark_failed(run_dir, error, **details)
+            mark_failed(job.out_dir, error, **details)
         return "failed", None, error, time.perf_counter() - start
     return "done", result, None, time.perf_counter() - start
 
@@ -153,7 +204,7 @@ def _mp_context() -> multiprocessing.context.BaseContext:
     if "forkserver" not in multiprocessing.get_all_start_methods():
         return multiprocessing.get_context("spawn")
     ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["dataeff.executor", "torch._dynamo"])
+    ctx.set_forkserver_preload(["dataeff.experiment.executor", "dataeff.train.loop", "torch._dynamo"])
     return ctx
 
 
@@ -216,60 +267,79 @@ def _run_ray(ray: Any, jobs: dict[Path, dict[str, Any]], cfg: ExecutorConfig, th
         on_done(key, outcome)
 
 
-def run_jobs(configs: list[RunConfig], cfg: ExecutorConfig, root: str | Path, *, progress: bool = True) -> list[JobResult]:
-    """Run every config (once, however often it is listed) and return one result per config, in order.
-
-    A config's run directory is its own ``run_dir`` if set, else ``<root>/<run_hash(config)>``.
-    """
+def run(jobs: list[Job], cfg: ExecutorConfig, *, progress: bool = True, desc: str = "jobs") -> list[JobResult]:
+    """Run every job (once, however often it is listed) and return one result per job, in order."""
     _check(cfg)
-    root = Path(root)
-    dirs = [Path(c.run_dir) if c.run_dir else root / run_hash(c) for c in configs]
-    unique: dict[Path, RunConfig] = {}
-    for c, d in zip(configs, dirs, strict=True):
-        first = unique.setdefault(d, c)
-        if run_identity(first) != run_identity(c):
-            raise DataeffError(f"{d}: run_dir is set by two different configs ({run_hash(first)} and {run_hash(c)})")
+    unique: dict[Path, Job] = {}
+    for job in jobs:
+        first = unique.setdefault(job.out_dir, job)
+        if first.identity() != job.identity():
+            raise DataeffError(f"{job.out_dir}: set as the directory of two different jobs "
+                               f"({config_hash(first.identity())} and {config_hash(job.identity())})")
 
     results: dict[Path, JobResult] = {}
-    for d, c in unique.items():
+    for d, job in unique.items():
         st = status(d)
         if st == "done":
-            results[d] = JobResult(c, d, "skipped", read_result(d), None, 0.0)
+            results[d] = JobResult(job.config, d, "skipped", read_result(d), None, 0.0)
         elif st == "failed" and not cfg.retry_failed:
-            results[d] = JobResult(c, d, "skipped", None, read_failure(d).get("reason", "failed"), 0.0)
+            results[d] = JobResult(job.config, d, "skipped", None, read_failure(d).get("reason", "failed"), 0.0)
     pending = [d for d in unique if d not in results]
 
     if pending:
         ray = _start_ray(cfg) if cfg.backend == "ray" else None
         cores = int(ray.cluster_resources().get("CPU", 0)) if ray is not None else 0
         workers, threads = layout(cfg, len(pending), cores or machine_cores())
-        device = {"device": "cuda"} if cfg.gpus_per_job > 0 else {}
-        jobs = {
-            d: to_dict(dataclasses.replace(
-                unique[d], run_dir=str(d),
-                train=dataclasses.replace(unique[d].train, threads=threads, progress=False, **device),
-            ))
-            for d in pending
-        }
-        bar = tqdm(total=len(unique), initial=len(results), desc="runs", unit="run", disable=not progress,
+        payload = {d: {"fn": unique[d].fn, "out_dir": str(d), "config": to_dict(_placed(unique[d], cfg, threads)),
+                       "config_type": f"{type(unique[d].config).__module__}:{type(unique[d].config).__qualname__}"}
+                   for d in pending}
+        bar = tqdm(total=len(unique), initial=len(results), desc=desc, unit="job", disable=not progress,
                    dynamic_ncols=True)
         failed = 0
 
         def on_done(d: Path, outcome: Outcome) -> None:
             nonlocal failed
             state, result, error, seconds = outcome
-            results[d] = JobResult(unique[d], d, state, result, error, seconds)
+            results[d] = JobResult(unique[d].config, d, state, result, error, seconds)
             failed += state == "failed"
             bar.update(1)
             bar.set_postfix(failed=failed)
 
         try:
             if ray is not None:
-                _run_ray(ray, jobs, cfg, threads, on_done)
+                _run_ray(ray, payload, cfg, threads, on_done)
             else:
-                _run_local(jobs, workers, threads, on_done)
+                _run_local(payload, workers, threads, on_done)
         finally:
             bar.close()
 
-    # Duplicates share their run's outcome but keep their own config object.
-    return [dataclasses.replace(results[d], config=c) for c, d in zip(configs, dirs, strict=True)]
+    # Duplicates share their job's outcome but keep their own config object.
+    return [dataclasses.replace(results[job.out_dir], config=job.config) for job in jobs]
+
+
+def _placed(job: Job, cfg: ExecutorConfig, threads: int) -> Any:
+    """A training run's config as its worker runs it: its share of the threads, no progress bar of its own, on
+    a GPU when the job reserves one. Other jobs get their threads from the worker."""
+    if job.fn != TRAIN:
+        return job.config
+    device = {"device": "cuda"} if cfg.gpus_per_job > 0 else {}
+    c = job.config
+    return dataclasses.replace(c, run_dir=str(job.out_dir),
+                               train=dataclasses.replace(c.train, threads=threads, progress=False, **device))
+
+
+def run_jobs(configs: list[RunConfig], cfg: ExecutorConfig, root: str | Path, *, progress: bool = True) -> list[JobResult]:
+    """Train every config (once, however often it is listed) and return one result per config, in order.
+
+    A config's run directory is its own ``run_dir`` if set, else ``<root>/<run_hash(config)>``.
+    """
+    _check(cfg)
+    root = Path(root)
+    jobs = [Job(TRAIN, c, Path(c.run_dir) if c.run_dir else root / run_hash(c)) for c in configs]
+    seen: dict[Path, RunConfig] = {}
+    for j in jobs:
+        first = seen.setdefault(j.out_dir, j.config)
+        if run_identity(first) != run_identity(j.config):
+            raise DataeffError(f"{j.out_dir}: run_dir is set by two different configs ({run_hash(first)} and "
+                               f"{run_hash(j.config)})")
+    return run(jobs, cfg, progress=progress, desc="runs")

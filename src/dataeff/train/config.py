@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from dataeff.config import config_hash, option, section, to_dict
+from dataeff.config import config_hash, non_default, option, section
 from dataeff.data.config import DataConfig, TokenizerConfig
 from dataeff.model.config import ModelConfig
 
@@ -38,6 +38,10 @@ class TrainConfig:
     batch_tokens: int = option(8192, "global batch size in tokens (a multiple of model.seq_len)")
     micro_batch_size: int = option(0, "sequences per forward pass per process (0: the whole per-process batch)")
     shuffle: Literal["sequence", "document"] = option("sequence", "per-epoch reshuffle of sequences or of documents")
+    init_from: str = option(
+        "scratch", "where the weights start: scratch (initialised with init_seed), a dataeff run directory (its "
+        "final weights), or a Hugging Face Llama/Qwen3 checkpoint directory (hf:PATH or a path holding config.json); "
+        "the model's shape comes from it, model.seq_len and model.dropout from this config")
     init_seed: int = option(0, "seed of the weight initialisation")
     data_seed: int = option(0, "seed of the data order and dropout")
     dtype: Literal["bf16", "fp32"] = option("bf16", "bf16 autocast (fp32 master weights) or plain fp32")
@@ -92,16 +96,20 @@ class RunConfig:
 
 # Fields that do not change what a run computes: they are left out of its identity.
 _NOT_IDENTITY = {("run_dir",), ("data", "cache_dir"), ("train", "progress"), ("train", "threads"), ("train", "log_every")}
+# A run's identity leaves out every field at its default, so adding a field never changes an existing run's
+# hash. Bump this whenever a default of RunConfig (or of a section in it) changes: an old run trained with the
+# old default must not answer for the new one. tests/test_config.py pins the defaults each version stands for.
+IDENTITY_VERSION = 1
 
 
 def run_identity(cfg: RunConfig) -> dict[str, Any]:
-    data = to_dict(cfg)
+    data = non_default(cfg)
     for path in _NOT_IDENTITY:
         node = data
         for key in path[:-1]:
-            node = node[key]
+            node = node.get(key, {})
         node.pop(path[-1], None)
-    return data
+    return {"identity_version": IDENTITY_VERSION, **{k: v for k, v in data.items() if v != {}}}
 
 
 def run_hash(cfg: RunConfig) -> str:

@@ -65,6 +65,13 @@ class Teacher:
 
     def __init__(self, cfg: DistillConfig, ensemble: Ensemble | None = None, cache: TopKCache | None = None):
         self.cfg, self.ensemble, self.cache = cfg, ensemble, cache
+        # The top-k cache is keyed by training window, so the trainer passes each sample's window.
+        self.needs_window_ids = cache is not None
+
+    def __call__(self, model: torch.nn.Module, chunk: torch.Tensor, window_ids: np.ndarray | None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The trainer's objective on a micro-batch of windows: (distillation loss, its cross-entropy part)."""
+        return self.loss(model(chunk[:, :-1]), chunk[:, 1:], chunk[:, :-1], window_ids)
 
     def loss(self, logits: torch.Tensor, targets: torch.Tensor, inputs: torch.Tensor,
              window_ids: np.ndarray | None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -23,16 +23,15 @@ from tqdm.auto import tqdm
 
 from dataeff.config import dump_yaml, from_dict, read_yaml, to_dict
 from dataeff.data.order import EpochOrder
-from dataeff.data.tokens import PreparedData, prepare
+from dataeff.data.tokens import PreparedData, TokenSplit, prepare, training_stream
 from dataeff.errors import DataeffError
-from dataeff.eval.loss import evaluate
 from dataeff.fsutil import atomic_write_json
 from dataeff.model.config import count_parameters, flops_per_token
 from dataeff.model.transformer import Transformer
-from dataeff.train import averaging, dist
+from dataeff.train import averaging, dist, init
 from dataeff.train import checkpoint as ckpt
 from dataeff.train.config import RunConfig, default_run_dir, run_hash, run_identity
-from dataeff.train.distill import make_teacher
+from dataeff.train.distill import Teacher, make_teacher
 from dataeff.train.optim import build_optimizers, lr_multiplier
 from dataeff.train.rundir import MetricsLog, manifest, mark_done, mark_failed, read_result, status
 
@@ -110,88 +109,136 @@ def train(cfg: RunConfig) -> dict[str, Any]:
         dist.teardown(info)
 
 
+def train_job(cfg: RunConfig, out_dir: Path) -> dict[str, Any]:
+    """Train ``cfg`` in ``out_dir``: the executor's job function for training runs."""
+    return train(dataclasses.replace(cfg, run_dir=str(out_dir)))
+
+
+@dataclass
+class _Data:
+    """What a run trains and is scored on."""
+
+    prepared: PreparedData
+    train: TokenSplit
+    val: TokenSplit
+    order: EpochOrder
+    plan: Plan
+
+    def heldout(self, t: Any, max_tokens: int | None) -> averaging.Heldout:
+        return averaging.Heldout(self.val.tokens, self.val.n_bytes, self.val.n_words, self.plan.seq_len,
+                                 t.eval_batch_size, max_tokens, t.dtype)
+
+
+class CrossEntropy:
+    """The plain language-modelling objective: the loss is the next-token cross-entropy."""
+
+    needs_window_ids = False
+
+    def __call__(self, model: torch.nn.Module, chunk: torch.Tensor, window_ids: np.ndarray | None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        loss = model(chunk[:, :-1], chunk[:, 1:])
+        return loss, loss
+
+
+def _data(cfg: RunConfig, info: dist.DistInfo) -> _Data:
+    prepared = _prepare_on_rank0(cfg, info)
+    tokens, doc_offsets = training_stream(prepared)
+    order = EpochOrder(tokens, doc_offsets, cfg.model.seq_len, cfg.train.data_seed, cfg.train.shuffle)
+    return _Data(prepared, prepared.split("train"), prepared.split("val"), order, make_plan(cfg, order, info.world_size))
+
+
+def _write_manifest(cfg: RunConfig, run_dir: Path, data: _Data, model: Transformer, info: dist.DistInfo) -> None:
+    t = cfg.train
+    run_dir.mkdir(parents=True, exist_ok=True)
+    dump_yaml(cfg, run_dir / "config.yaml")
+    if (run_dir / "manifest.json").exists():
+        return
+    atomic_write_json(run_dir / "manifest.json", manifest({
+        "seeds": {"init_seed": t.init_seed, "data_seed": t.data_seed, "budget_seed": cfg.data.budget_seed,
+                  "split_seed": cfg.data.split_seed},
+        "config_hash": run_hash(cfg),
+        "world_size": info.world_size,
+        "device": str(info.device),
+        "data_store": str(data.prepared.path),
+        "train_tokens": data.train.n_tokens,
+        "val_tokens": data.val.n_tokens,
+        "params": count_parameters(model.cfg),
+        "model": to_dict(model.cfg),
+        "plan": dataclasses.asdict(data.plan),
+        "init": {"from": t.init_from, "sha256": init.fingerprint(init.resolve(t.init_from))},
+    }))
+    data.prepared.tokenizer.save(run_dir / "tokenizer.json")
+
+
+def _objective(cfg: RunConfig, run_dir: Path, data: _Data, info: dist.DistInfo) -> CrossEntropy | Teacher:
+    if not cfg.distill.teachers:
+        return CrossEntropy()
+    t = cfg.train
+    # Rank 0 alone scores the teacher into the top-k cache; the other ranks open it once it is complete.
+    cached = cfg.distill.teacher_cache == "topk"
+    teacher = None
+    if info.is_main or not cached:
+        teacher = make_teacher(cfg.distill, run_dir, data.order, data.prepared.tokenizer, info.device, t.dtype,
+                               build=True, progress=t.progress and info.is_main)
+    if cached:
+        dist.barrier(info)
+    if teacher is None:
+        teacher = make_teacher(cfg.distill, run_dir, data.order, data.prepared.tokenizer, info.device, t.dtype, build=False)
+    return teacher
+
+
+def _resume(ckpt_dir: Path, model: Transformer, optimizers: list[torch.optim.Optimizer],
+            averager: averaging.RunAveraging, log: MetricsLog, cfg: RunConfig, info: dist.DistInfo) -> int:
+    """The step to continue from: the newest checkpoint's (model, optimizers, EMA and RNG restored), else 0."""
+    _reseed(cfg.train.data_seed, info.rank, 0)
+    found = ckpt.list_checkpoints(ckpt_dir)
+    if not found:
+        return 0
+    start_step, _ = ckpt.load_checkpoint(found[-1][1], model, optimizers)
+    averager.load(found[-1][1])
+    _reseed(cfg.train.data_seed, info.rank, start_step)
+    if info.is_main:
+        log.rewind(start_step)
+    return start_step
+
+
 def _train(cfg: RunConfig, run_dir: Path, info: dist.DistInfo) -> dict[str, Any]:
     t, device = cfg.train, info.device
     if t.threads:
         torch.set_num_threads(t.threads)
     _check_run_dir(run_dir, cfg)
-    prepared = _prepare_on_rank0(cfg, info)
-    train_split, val_split = prepared.split("train"), prepared.split("val")
-    model_cfg = dataclasses.replace(cfg.model, vocab_size=prepared.tokenizer.vocab_size).resolved()
-    tokens, doc_offsets = train_split.tokens, train_split.doc_offsets
-    if "synthetic" in prepared.splits:
-        # Sequence-level distillation: the teacher's samples join the real documents as more documents.
-        syn = prepared.split("synthetic")
-        tokens = np.concatenate([tokens, syn.tokens])
-        doc_offsets = np.concatenate([doc_offsets, syn.doc_offsets[1:] + train_split.n_tokens])
-    order = EpochOrder(tokens, doc_offsets, model_cfg.seq_len, t.data_seed, t.shuffle)
-    plan = make_plan(cfg, order, info.world_size)
-
-    model = Transformer(model_cfg, init_seed=t.init_seed).to(device)
+    data = _data(cfg, info)
+    model = init.initial_model(cfg, data.prepared.tokenizer).to(device)
     optimizers = build_optimizers(model, cfg.optim)
-    averager = averaging.RunAveraging(t, model, run_dir, plan.total_steps, metadata={"model": to_dict(model_cfg)},
+    averager = averaging.RunAveraging(t, model, run_dir, data.plan.total_steps, metadata={"model": to_dict(model.cfg)},
                                       active=info.is_main)
-    params = count_parameters(model_cfg)
-    ckpt_dir = run_dir / "checkpoints"
-    log = MetricsLog(run_dir / "metrics.jsonl")
-
     if info.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        dump_yaml(cfg, run_dir / "config.yaml")
-        if not (run_dir / "manifest.json").exists():
-            atomic_write_json(run_dir / "manifest.json", manifest({
-                "seeds": {"init_seed": t.init_seed, "data_seed": t.data_seed, "budget_seed": cfg.data.budget_seed,
-                          "split_seed": cfg.data.split_seed},
-                "config_hash": run_hash(cfg),
-                "world_size": info.world_size,
-                "device": str(device),
-                "data_store": str(prepared.path),
-                "train_tokens": train_split.n_tokens,
-                "val_tokens": val_split.n_tokens,
-                "params": params,
-                "model": to_dict(model_cfg),
-                "plan": dataclasses.asdict(plan),
-            }))
-            prepared.tokenizer.save(run_dir / "tokenizer.json")
+        _write_manifest(cfg, run_dir, data, model, info)
     dist.barrier(info)
-    teacher = None
-    if cfg.distill.teachers:
-        # Rank 0 alone scores the teacher into the top-k cache; the other ranks open it once it is complete.
-        cached = cfg.distill.teacher_cache == "topk"
-        if info.is_main or not cached:
-            teacher = make_teacher(cfg.distill, run_dir, order, prepared.tokenizer, device, t.dtype, build=True,
-                                   progress=t.progress and info.is_main)
-        if cached:
-            dist.barrier(info)
-        if teacher is None:
-            teacher = make_teacher(cfg.distill, run_dir, order, prepared.tokenizer, device, t.dtype, build=False)
-
-    _reseed(t.data_seed, info.rank, 0)
+    objective = _objective(cfg, run_dir, data, info)
     # Peak rates come from the config: a checkpoint's param groups hold the scheduled rate of its step.
     base_lrs = [[g["lr"] for g in opt.param_groups] for opt in optimizers]
-    start_step = 0
-    found = ckpt.list_checkpoints(ckpt_dir)
-    if found:
-        start_step, _ = ckpt.load_checkpoint(found[-1][1], model, optimizers)
-        averager.load(found[-1][1])
-        _reseed(t.data_seed, info.rank, start_step)
-        if info.is_main:
-            log.rewind(start_step)
+    log = MetricsLog(run_dir / "metrics.jsonl")
+    start_step = _resume(run_dir / "checkpoints", model, optimizers, averager, log, cfg, info)
+    last_loss = _loop(cfg, run_dir, data, model, optimizers, base_lrs, averager, objective, log, start_step, info)
+    return _finish(cfg, run_dir, data, model, optimizers, averager, log, last_loss, info)
 
+
+def _loop(cfg: RunConfig, run_dir: Path, data: _Data, model: Transformer, optimizers: list[torch.optim.Optimizer],
+          base_lrs: list[list[float]], averager: averaging.RunAveraging, objective: CrossEntropy | Teacher,
+          log: MetricsLog, start_step: int, info: dist.DistInfo) -> float:
+    """Every step from ``start_step`` on, with periodic logs, evaluations and checkpoints; the last train loss."""
+    t, device, plan, order = cfg.train, info.device, data.plan, data.order
+    ckpt_dir = run_dir / "checkpoints"
+    distilling = not isinstance(objective, CrossEntropy)
     fwd_model: torch.nn.Module = model
     if info.distributed:
         fwd_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if t.compile:
         fwd_model = torch.compile(fwd_model)  # type: ignore[assignment]
-
-    def evaluate_val(max_tokens: int | None) -> dict[str, float]:
-        result = evaluate(model, val_split.tokens, n_bytes=val_split.n_bytes, n_words=val_split.n_words,
-                          seq_len=plan.seq_len, batch_size=t.eval_batch_size, max_tokens=max_tokens, dtype=t.dtype)
-        return result.to_dict("val_")
-
     bar = tqdm(total=plan.total_steps, initial=start_step, disable=not (info.is_main and t.progress),
                desc=run_dir.name, unit="step", dynamic_ncols=True)
-    flops = flops_per_token(model_cfg)
+    flops = flops_per_token(model.cfg)
     tokens_per_step = plan.batch_seqs * plan.seq_len
     # A run killed after its last step but before DONE resumes with no step left: its loss is in the log.
     logged = [r["train_loss"] for r in log.rows() if "train_loss" in r] if start_step else []
@@ -205,7 +252,7 @@ def _train(cfg: RunConfig, run_dir: Path, info: dist.DistInfo) -> dict[str, Any]
                 group["lr"] = lr * mult
         first = step * plan.batch_seqs + info.rank * plan.per_rank
         batch = torch.from_numpy(order.samples(first, plan.per_rank)).to(device)
-        ids = order.window_ids(first, plan.per_rank) if teacher is not None and teacher.cache is not None else None
+        ids = order.window_ids(first, plan.per_rank) if objective.needs_window_ids else None
         loss_sum = torch.zeros((), device=device)
         ce_sum = torch.zeros((), device=device)
         for m in range(plan.accum):
@@ -213,16 +260,12 @@ def _train(cfg: RunConfig, run_dir: Path, info: dist.DistInfo) -> dict[str, Any]
             sync = m == plan.accum - 1 or not info.distributed
             ctx = contextlib.nullcontext() if sync else fwd_model.no_sync()  # type: ignore[operator]
             with ctx, dist.autocast(device, t.dtype):
-                if teacher is None:
-                    loss = ce = fwd_model(chunk[:, :-1], chunk[:, 1:])
-                else:
-                    loss, ce = teacher.loss(fwd_model(chunk[:, :-1]), chunk[:, 1:], chunk[:, :-1],
-                                            None if ids is None else ids[m * plan.micro : (m + 1) * plan.micro])
+                loss, ce = objective(fwd_model, chunk, None if ids is None else ids[m * plan.micro : (m + 1) * plan.micro])
             (loss / plan.accum).backward()
             loss_sum += loss.detach()
             ce_sum += ce.detach()
         mean_loss = float(dist.all_reduce_mean(loss_sum / plan.accum, info))
-        mean_ce = mean_loss if teacher is None else float(dist.all_reduce_mean(ce_sum / plan.accum, info))
+        mean_ce = float(dist.all_reduce_mean(ce_sum / plan.accum, info)) if distilling else mean_loss
         if not math.isfinite(mean_loss):
             kept = ckpt.list_checkpoints(ckpt_dir)
             where = f"last good checkpoint {kept[-1][1]}" if kept else "no checkpoint was written yet"
@@ -246,11 +289,11 @@ def _train(cfg: RunConfig, run_dir: Path, info: dist.DistInfo) -> dict[str, Any]
             tick, tick_step = now, done_steps
             log.write({"step": done_steps, "epoch": done_steps * plan.batch_seqs / plan.windows_per_epoch,
                        "tokens": done_steps * tokens_per_step, "lr": cfg.optim.lr * mult, "train_loss": mean_loss,
-                       **({"train_ce": mean_ce} if teacher is not None else {}),
+                       **({"train_ce": mean_ce} if distilling else {}),
                        "grad_norm": float(grad_norm), "tok_s": tok_s, "flops": flops * done_steps * tokens_per_step})
             bar.set_postfix(loss=f"{mean_loss:.3f}", tok_s=f"{tok_s:,.0f}")
         if done_steps % plan.eval_every == 0 and done_steps < plan.total_steps and info.is_main:
-            log.write({"step": done_steps, **evaluate_val(t.eval_tokens)})
+            log.write({"step": done_steps, **data.heldout(t, t.eval_tokens).score(model).to_dict("val_")})
         if done_steps % plan.checkpoint_every == 0 and done_steps < plan.total_steps:
             if info.is_main:
                 ckpt.save_checkpoint(ckpt.checkpoint_path(ckpt_dir, done_steps), model, optimizers, done_steps,
@@ -259,34 +302,41 @@ def _train(cfg: RunConfig, run_dir: Path, info: dist.DistInfo) -> dict[str, Any]
             _reseed(t.data_seed, info.rank, done_steps)
             dist.barrier(info)
     bar.close()
+    return last_loss
 
+
+def _finish(cfg: RunConfig, run_dir: Path, data: _Data, model: Transformer, optimizers: list[torch.optim.Optimizer],
+            averager: averaging.RunAveraging, log: MetricsLog, last_loss: float, info: dist.DistInfo) -> dict[str, Any]:
+    """The final evaluation, checkpoint and weights, the averaged models, and DONE; the result on every rank."""
+    t, plan = cfg.train, data.plan
+    ckpt_dir = run_dir / "checkpoints"
     result: dict[str, Any] = {}
     if info.is_main:
-        final = evaluate_val(t.final_eval_tokens)
+        final = data.heldout(t, t.final_eval_tokens).score(model).to_dict("val_")
         log.write({"step": plan.total_steps, **final})
         ckpt.save_checkpoint(ckpt.checkpoint_path(ckpt_dir, plan.total_steps), model, optimizers, plan.total_steps,
                              extra_tensors=averager.state())
         ckpt.prune_checkpoints(ckpt_dir, t.keep_checkpoints)
-        ckpt.save_weights(run_dir / "model.safetensors", model, {"model": to_dict(model_cfg)})
+        ckpt.save_weights(run_dir / "model.safetensors", model, {"model": to_dict(model.cfg)})
+        tokens_per_step = plan.batch_seqs * plan.seq_len
+        params = count_parameters(model.cfg)
         result = {
             **final,
             "train_loss": last_loss,
             "steps": plan.total_steps,
             "epochs": t.epochs,
             "tokens_seen": plan.total_steps * tokens_per_step,
-            "train_tokens": train_split.n_tokens,
-            "synthetic_tokens": len(order.tokens) - train_split.n_tokens,
+            "train_tokens": data.train.n_tokens,
+            "synthetic_tokens": len(data.order.tokens) - data.train.n_tokens,
             "params": params["total"],
             "non_embedding_params": params["non_embedding"],
-            "flops": flops * plan.total_steps * tokens_per_step,
-            "unigram_entropy": prepared.meta.get("unigram_entropy"),
+            "flops": flops_per_token(model.cfg) * plan.total_steps * tokens_per_step,
+            "unigram_entropy": data.prepared.meta.get("unigram_entropy"),
         }
-        result |= averager.finish(averaging.Heldout(val_split.tokens, val_split.n_bytes, val_split.n_words, plan.seq_len,
-                                                    t.eval_batch_size, t.final_eval_tokens, t.dtype))
+        result |= averager.finish(data.heldout(t, t.final_eval_tokens))
         mark_done(run_dir, result)
     if info.distributed:
         box = [result]
         tdist.broadcast_object_list(box, src=0)
         result = box[0]
     return result
-

@@ -1,0 +1,1 @@
+"""The pipeline's stages, one file each (see :mod:`dataeff.experiment.stage` for the contract)."""
