@@ -69,7 +69,11 @@ def words(text: str) -> list[str]:
 
 def word_hashes(text: str) -> np.ndarray:
     """A stable 64-bit hash (xxh3 of the UTF-8 bytes) of every word of the normalized text, in order."""
-    return np.array([xxhash.xxh3_64_intdigest(w) for w in _word_bytes(text)], dtype=_U64)
+    return _hash_words(_word_bytes(text))
+
+
+def _hash_words(ws: list[bytes]) -> np.ndarray:
+    return np.array([xxhash.xxh3_64_intdigest(w) for w in ws], dtype=_U64)
 
 
 def _mix(z: np.ndarray) -> np.ndarray:
@@ -114,7 +118,11 @@ def ngram_hashes(hashes: np.ndarray, n: int) -> np.ndarray:
 
 def shingle_array(text: str, n: int = 5) -> np.ndarray:
     """The sorted distinct shingles of a text as uint64 (see :func:`shingles`)."""
-    hashes = word_hashes(text)
+    return _shingles_of(_word_bytes(text), n)
+
+
+def _shingles_of(ws: list[bytes], n: int) -> np.ndarray:
+    hashes = _hash_words(ws)
     if len(hashes) == 0:
         return np.empty(0, dtype=_U64)
     return _sorted_distinct(ngram_hashes(hashes, min(n, len(hashes))))
@@ -159,6 +167,11 @@ class NearDupConfig:
     ngram: int = option(5, "shingle length in words")
     num_perm: int = option(128, "MinHash permutations (more = fewer missed pairs near τ, slower)")
     seed: int = option(0, "seed of the MinHash permutations")
+    recall_weight: float = option(
+        0.9,
+        "weight of missed pairs against needless candidates when choosing the LSH banding; confirmation by true "
+        "Jaccard discards needless candidates, so missing pairs costs more (0.5 = datasketch's default)",
+    )
 
     def __post_init__(self) -> None:
         if not 0.0 < self.threshold <= 1.0:
@@ -167,6 +180,8 @@ class NearDupConfig:
             raise ValueError(f"ngram must be at least 1, got {self.ngram}")
         if self.num_perm < 2:
             raise ValueError(f"num_perm must be at least 2, got {self.num_perm}")
+        if not 0.0 <= self.recall_weight <= 1.0:
+            raise ValueError(f"recall_weight must be in [0, 1], got {self.recall_weight}")
 
 
 @dataclass(frozen=True)
@@ -218,8 +233,14 @@ class NearDup:
 
     def __init__(self, config: NearDupConfig | None = None, **fields: Any) -> None:
         self.config = dataclasses.replace(config or NearDupConfig(), **fields)
-        # Built once to learn the banding (b bands of r rows) that datasketch picks for τ and num_perm.
-        probe = MinHashLSH(threshold=self.config.threshold, num_perm=self.config.num_perm)
+        # Built once to learn the banding (b bands of r rows) that datasketch picks for τ, num_perm and the
+        # weights. At τ = 0.8 with 128 permutations, even weights (9 bands of 13) find 40% of pairs at J = 0.8 and
+        # 69% at 0.85; recall_weight 0.9 (14 bands of 9) finds 87% and 97%, for 3% candidates at J = 0.5.
+        self._lsh_args = {
+            "threshold": self.config.threshold, "num_perm": self.config.num_perm,
+            "weights": (1.0 - self.config.recall_weight, self.config.recall_weight),
+        }
+        probe = MinHashLSH(**self._lsh_args)
         self.bands, self.rows = probe.b, probe.r
 
     # --- signatures -----------------------------------------------------------------------------------
@@ -265,24 +286,29 @@ class NearDup:
         seed, whatever the candidates' order inside LSH buckets.
         """
         n = len(texts)
-        tau = self.config.threshold
+        ngram = self.config.ngram
         show = progress and n + len(against or ()) >= _PROGRESS_MIN
-        keys = [xxhash.xxh3_128_intdigest(normalize(t).encode()) for t in texts]
+        text_words = [_word_bytes(t) for t in tqdm(texts, desc="normalize", unit="doc", disable=not show, leave=False)]
+        # The normalized text is the words joined by single spaces: hash that for exact duplicates.
+        keys = [xxhash.xxh3_128_intdigest(b" ".join(ws)) for ws in text_words]
         first: dict[int, int] = {}
         for i, key in enumerate(keys):
             first.setdefault(key, i)
         reps = sorted(first.values())
-        arrays = {i: self._shingles(texts[i]) for i in tqdm(reps, desc="shingles", unit="doc", disable=not show, leave=False)}
+        arrays = {i: _shingles_of(text_words[i], ngram) for i in tqdm(reps, desc="shingles", unit="doc", disable=not show, leave=False)}
+        del text_words
         sigs = dict(zip(reps, self._signatures([arrays[i] for i in reps], show, "minhash"), strict=True))
 
         reference_match: dict[int, int] = {}
         ref_candidates = ref_rejected = 0
         if against:
             ref_keys: dict[int, int] = {}
-            for j, t in enumerate(against):
-                ref_keys.setdefault(xxhash.xxh3_128_intdigest(normalize(t).encode()), j)
-            ref_arrays = [self._shingles(t) for t in tqdm(against, desc="reference shingles", unit="doc", disable=not show, leave=False)]
-            lsh = MinHashLSH(threshold=tau, num_perm=self.config.num_perm)
+            ref_arrays = []
+            for j, t in enumerate(tqdm(against, desc="reference shingles", unit="doc", disable=not show, leave=False)):
+                ws = _word_bytes(t)
+                ref_keys.setdefault(xxhash.xxh3_128_intdigest(b" ".join(ws)), j)
+                ref_arrays.append(_shingles_of(ws, ngram))
+            lsh = MinHashLSH(**self._lsh_args)
             with lsh.insertion_session() as session:
                 for j, sig in enumerate(self._signatures(ref_arrays, show, "reference minhash")):
                     session.insert(j, sig, check_duplication=False)
@@ -302,7 +328,7 @@ class NearDup:
         duplicate_of: dict[int, int] = {}
         exact = near = 0
         candidates = rejected = 0
-        lsh = MinHashLSH(threshold=tau, num_perm=self.config.num_perm)
+        lsh = MinHashLSH(**self._lsh_args)
         for i in tqdm(range(n), desc="near duplicates", unit="doc", disable=not show, leave=False):
             rep = first[keys[i]]
             if rep in reference_match:
