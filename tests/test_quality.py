@@ -209,11 +209,14 @@ def test_measure_and_report_with_a_real_reference_row() -> None:
 
 def test_unpaired_corpus_overlaps_against_the_reference() -> None:
     real = Corpus("real", ["a b c d e f g h"])
-    row = measure(Corpus("s", ["a b c d x y", "q r s t"]), "synthetic", QualityConfig(progress=False, overlap_n=[2]),
-                  reference=real.texts)
+    row = measure(Corpus("s", ["a b c d x y", "q r s t", "A, b c d e f g h!"]), "synthetic",
+                  QualityConfig(progress=False, overlap_n=[2]), reference=real.texts)
     assert row.source_overlap is not None and row.source_overlap.against == "reference"
-    assert row.source_overlap.counts == {2: (3, 8)}
+    assert row.source_overlap.counts == {2: (10, 15)}
+    assert row.reference_copies is not None and (row.reference_copies.count, row.reference_copies.total) == (1, 3)
     assert row.notes["pair_copying"].startswith("n/a")
+    alone = measure(Corpus("s", ["a b"]), "synthetic", QualityConfig(progress=False))
+    assert alone.reference_copies is None and alone.notes["reference_copies"] == "n/a: no reference"
 
 
 def test_sample_is_seeded_sorted_and_capped() -> None:

@@ -7,6 +7,8 @@ Every metric is defined in ``docs/synthetic_quality.md``; in short, per document
   ``min_copies`` back-to-back copies of one unit of 1..``max_period`` words;
 - **duplicates**: the document is dropped by :meth:`NearDup.find` (an exact or confirmed near duplicate of an
   earlier document of the sample);
+- **reference copies** (a reference corpus): the document is an exact or near duplicate of a reference document
+  (copying checked against the whole real corpus, not only the seed);
 - **pair-copying** (pairs): the document and its seed share a common span of words at least
   ``min(span_words, max(min_words, ⌈share·m⌉))`` long, m the shorter document's length in words;
 - **pair-irrelevance** (pairs and an ``encode`` function): cosine of the seed and document embeddings below α;
@@ -179,6 +181,7 @@ class QualityRow:
     median_words: float | None
     repetition: Share | None
     duplicates: Share | None
+    reference_copies: Share | None
     pair_copying: Share | None
     pair_irrelevance: Share | None
     non_factual: Share | None
@@ -197,7 +200,7 @@ class QualityRow:
         return out
 
 
-_METRICS = ("repetition", "duplicates", "pair_copying", "pair_irrelevance", "non_factual", "source_overlap")
+_METRICS = ("repetition", "duplicates", "reference_copies", "pair_copying", "pair_irrelevance", "non_factual", "source_overlap")
 
 
 @dataclass(frozen=True)
@@ -213,7 +216,7 @@ class QualityReport:
 
     def to_markdown(self) -> str:
         ns = sorted({n for r in self.rows if r.source_overlap for n in r.source_overlap.counts})
-        head = ["corpus", "docs", "repetition", "duplicates", "pair-copying", "pair-irrelevance", "non-factual"]
+        head = ["corpus", "docs", "repetition", "duplicates", "reference copies", "pair-copying", "pair-irrelevance", "non-factual"]
         head += [f"overlap {n}-gram" for n in ns]
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for r in self.rows:
@@ -313,6 +316,12 @@ def repetition_share(texts: Sequence[str], cfg: RepetitionConfig | None = None, 
 
 def duplicate_share(texts: Sequence[str], cfg: NearDupConfig | None = None, progress: bool = False) -> Share:
     return Share(len(NearDup(cfg).find(texts, progress=progress).drop), len(texts))
+
+
+def reference_copy_share(texts: Sequence[str], reference: Sequence[str], cfg: NearDupConfig | None = None,
+                         progress: bool = False) -> Share:
+    """Texts that are exact or near duplicates of a reference text."""
+    return Share(NearDup(cfg).find(texts, against=reference, progress=progress).against, len(texts))
 
 
 def copying_share(pairs: Sequence[tuple[str, str]], cfg: CopyingConfig | None = None, progress: bool = False) -> Share:
@@ -496,6 +505,12 @@ def measure(corpus: Corpus, kind: Literal["real", "synthetic"], cfg: QualityConf
         elif abstained:
             notes["non_factual"] = f"the judge abstained on {abstained} of {len(items)} documents"
 
+    reference_copies = None
+    if kind == "synthetic" and reference is not None:
+        reference_copies = reference_copy_share(texts, reference, cfg.dedup, progress)
+    else:
+        notes["reference_copies"] = "n/a: the reference itself" if kind == "real" else "n/a: no reference"
+
     overlap = None
     if kind == "synthetic" and pairs:
         overlap = source_overlap([t for _, t in pairs], cfg.overlap_n, seeds=[s for s, _ in pairs], progress=progress)
@@ -508,7 +523,7 @@ def measure(corpus: Corpus, kind: Literal["real", "synthetic"], cfg: QualityConf
         name=corpus.name, kind=kind, docs=len(corpus.texts), empty=corpus.empty, sampled=len(texts), pairs=len(pairs),
         median_words=float(np.median([len(words(t)) for t in texts])),
         repetition=repetition_share(texts, cfg.repetition, progress),
-        duplicates=duplicate_share(texts, cfg.dedup, progress),
+        duplicates=duplicate_share(texts, cfg.dedup, progress), reference_copies=reference_copies,
         pair_copying=copying, pair_irrelevance=irrelevance, non_factual=non_factual, source_overlap=overlap,
         notes=notes,
     )
