@@ -25,6 +25,7 @@ from dataeff.synth.quality import (
     is_copy,
     is_repetitive,
     loop_span,
+    loop_threshold,
     measure,
     non_factual_share,
     quality_table,
@@ -42,13 +43,23 @@ def _distinct(n: int, tag: str = "w") -> str:
 # --- repetition ------------------------------------------------------------------------------------------
 
 
-def test_a_repeated_sentence_is_a_loop_once_it_covers_min_span_words() -> None:
+def test_a_repeated_sentence_is_a_loop_once_it_covers_thirty_words_or_half_the_document() -> None:
     sentence = "The cat sat on the mat. "
     assert loop_span(sentence * 6) == 36  # 6 words x 6 copies
-    assert is_repetitive(sentence * 6)
-    assert not is_repetitive(sentence * 4)  # 24 words < 30
-    assert not is_repetitive(sentence * 2)  # two copies are not a loop, however long
+    assert is_repetitive(_distinct(60) + " " + sentence * 5)  # 30 words of 90
+    assert not is_repetitive(_distinct(60) + " " + sentence * 4)  # 24 words of 84: below 30 and below half
+    assert is_repetitive(sentence * 4)  # the whole document is the loop
+    assert not is_repetitive(sentence * 2 + _distinct(4))  # two copies are not a loop, however long
     assert loop_span("The cat. THE CAT! the cat") == loop_span("the cat the cat the cat") == 6
+
+
+def test_loop_threshold_is_half_a_short_document_but_at_least_min_words() -> None:
+    assert [loop_threshold(m) for m in (10, 24, 40, 41, 60, 500)] == [12, 12, 20, 21, 30, 30]
+    loop = " ".join(["one two three four five"] * 4)  # 20 words
+    assert is_repetitive(_distinct(20) + " " + loop)  # 40 words: needs 20
+    assert not is_repetitive(_distinct(21) + " " + loop)  # 41 words: needs 21
+    assert is_repetitive("ha " * 12) and not is_repetitive("ha " * 11)
+    assert not is_repetitive("no, no, no! " + _distinct(60))
 
 
 def test_copies_are_counted_back_to_back() -> None:
@@ -62,12 +73,8 @@ def test_copies_are_counted_back_to_back() -> None:
     assert loop_span(four_cut) == 31
     spread = " ".join([unit, _distinct(5, "x"), unit, _distinct(5, "y"), unit])  # copies not back to back
     assert loop_span(spread) == 0
-
-
-def test_a_loop_after_coherent_text_and_single_word_loops_are_caught() -> None:
     assert is_repetitive(_distinct(50) + " " + " ".join(["and then the dog ran home"] * 6))
     assert loop_span("ha " * 40) == 40
-    assert not is_repetitive("no, no, no! " + _distinct(60))
 
 
 def test_units_longer_than_max_period_are_not_looked_for() -> None:
@@ -337,6 +344,8 @@ def test_real_data_reference_row(data_dir: Path, capsys: pytest.CaptureFixture[s
 def test_config_refuses_bad_values() -> None:
     with pytest.raises(ValueError, match="min_copies"):
         RepetitionConfig(min_copies=1)
+    with pytest.raises(ValueError, match="share"):
+        RepetitionConfig(share=1.5)
     with pytest.raises(ValueError, match="share"):
         CopyingConfig(share=0)
     with pytest.raises(ValueError, match="alpha"):

@@ -268,8 +268,8 @@ class NearDup:
         whole LSH band (they are an LSH candidate pair) and the true Jaccard of their shingles is at least τ.
 
         The MinHash gate is the band test rather than "estimated Jaccard ≥ τ" so that this answer and
-        :meth:`find` agree on every pair; an estimate test would reject about a quarter of pairs just above τ
-        (the estimate's standard deviation at τ = 0.8 with 128 permutations is 0.035).
+        :meth:`find` agree on every pair; an estimate test would also refuse 28% of the pairs at J = 0.82 (the
+        estimate's standard deviation there is 0.034 with 128 permutations).
         """
         a, b = self._shingles(text_a), self._shingles(text_b)
         sig_a, sig_b = self._signatures([a, b], False, "")

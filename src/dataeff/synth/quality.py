@@ -3,8 +3,9 @@ repetition, 0.7% duplicates), written to ``quality.json`` and printed as a Markd
 
 Every metric is defined in ``docs/synthetic_quality.md``; in short, per document of a seeded sample:
 
-- **repetition**: the document holds a sampling loop, a span of ``min_span`` or more words made of at least
-  ``min_copies`` back-to-back copies of one unit of 1..``max_period`` words;
+- **repetition**: the document holds a sampling loop: a span made of at least ``min_copies`` back-to-back copies
+  of one unit of 1..``max_period`` words, at least ``min(min_span, max(min_words, ⌈share·m⌉))`` words long, m
+  the document's length in words (30 words, or half of a short document);
 - **duplicates**: the document is dropped by :meth:`NearDup.find` (an exact or confirmed near duplicate of an
   earlier document of the sample);
 - **reference copies** (a reference corpus): the document is an exact or near duplicate of a reference document
@@ -58,13 +59,17 @@ _SEED_FIELDS = ("seed_text", "seed")
 class RepetitionConfig:
     min_copies: int = option(3, "back-to-back copies of one unit that make a loop")
     max_period: int = option(50, "longest unit, in words, a loop may repeat")
-    min_span: int = option(30, "words a loop must cover to count (so 'no, no, no!' does not)")
+    min_span: int = option(30, "a loop covering this many words counts, whatever the document's length")
+    share: float = option(0.5, "or a loop covering this share of the document's words ...")
+    min_words: int = option(12, "... but never fewer words than this (so 'no, no, no!' does not count)")
 
     def __post_init__(self) -> None:
         if self.min_copies < 2:
             raise ValueError(f"min_copies must be at least 2, got {self.min_copies}")
-        if self.max_period < 1 or self.min_span < 1:
-            raise ValueError("max_period and min_span must be at least 1")
+        if self.max_period < 1 or self.min_span < 1 or self.min_words < 1:
+            raise ValueError("max_period, min_span and min_words must be at least 1")
+        if not 0.0 < self.share <= 1.0:
+            raise ValueError(f"share must be in (0, 1], got {self.share}")
 
 
 @dataclass
@@ -266,10 +271,16 @@ def loop_span(text: str, cfg: RepetitionConfig | None = None) -> int:
     return best
 
 
-def is_repetitive(text: str, cfg: RepetitionConfig | None = None) -> bool:
-    """Whether the text holds a sampling loop (see :func:`loop_span`) of at least min_span words."""
+def loop_threshold(words_in_text: int, cfg: RepetitionConfig | None = None) -> int:
+    """The loop span, in words, from which a document of this length is repetitive."""
     cfg = cfg or RepetitionConfig()
-    return loop_span(text, cfg) >= cfg.min_span
+    return min(cfg.min_span, max(cfg.min_words, math.ceil(cfg.share * words_in_text)))
+
+
+def is_repetitive(text: str, cfg: RepetitionConfig | None = None) -> bool:
+    """Whether the text holds a sampling loop (see :func:`loop_span`) of at least :func:`loop_threshold` words."""
+    cfg = cfg or RepetitionConfig()
+    return loop_span(text, cfg) >= loop_threshold(len(words(text)), cfg)
 
 
 def common_span(a: str, b: str) -> int:
