@@ -221,11 +221,12 @@ class QualityReport:
 
     def to_markdown(self) -> str:
         ns = sorted({n for r in self.rows if r.source_overlap for n in r.source_overlap.counts})
-        head = ["corpus", "docs", "repetition", "duplicates", "reference copies", "pair-copying", "pair-irrelevance", "non-factual"]
+        head = ["corpus", "sampled", "repetition", "duplicates", "reference copies", "pair-copying", "pair-irrelevance",
+                "non-factual"]
         head += [f"overlap {n}-gram" for n in ns]
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for r in self.rows:
-            cells = [f"{r.name} ({r.kind})", str(r.sampled)]
+            cells = [f"{r.name} ({r.kind})", f"{r.sampled} of {r.docs}"]
             for key in _METRICS[:-1]:
                 value = getattr(r, key)
                 cells.append(value.cell() if value is not None else _short_note(r.notes.get(key, "")))
