@@ -242,6 +242,7 @@ class NearDup:
         }
         probe = MinHashLSH(**self._lsh_args)
         self.bands, self.rows = probe.b, probe.r
+        self._empty = MinHash(num_perm=self.config.num_perm, seed=self.config.seed, hashfunc=_identity)
 
     # --- signatures -----------------------------------------------------------------------------------
 
@@ -249,11 +250,15 @@ class NearDup:
         return shingle_array(text, self.config.ngram)
 
     def _signatures(self, arrays: Sequence[np.ndarray], progress: bool, desc: str) -> list[MinHash]:
-        # One MinHash built once and copied per text (MinHash.generator) saves re-deriving the permutations, and
-        # the copies share them; the low 32 bits of each shingle feed the affine32 scheme directly.
-        inputs = ((a & _U64(0xFFFFFFFF)).tolist() for a in arrays)
-        sigs = MinHash.generator(inputs, num_perm=self.config.num_perm, seed=self.config.seed, hashfunc=_identity)
-        return list(tqdm(sigs, total=len(arrays), desc=desc, unit="doc", disable=not progress, leave=False))
+        # Copies of one empty MinHash (what MinHash.bulk does within a call, here across calls too) share its
+        # permutations instead of re-deriving them, which costs more than hashing a short text. The low 32 bits
+        # of each shingle feed the affine32 scheme directly.
+        out = []
+        for a in tqdm(arrays, desc=desc, unit="doc", disable=not progress, leave=False):
+            m = self._empty.copy()
+            m.update_batch((a & _U64(0xFFFFFFFF)).tolist())
+            out.append(m)
+        return out
 
     def signature(self, text: str) -> LeanMinHash:
         """The MinHash of a text's shingle set (lean: hashable and serializable, no further updates)."""
@@ -272,8 +277,11 @@ class NearDup:
         estimate's standard deviation there is 0.034 with 128 permutations).
         """
         a, b = self._shingles(text_a), self._shingles(text_b)
+        # True Jaccard first: most pairs asked about are not duplicates, and it is the cheaper test.
+        if _jaccard_sorted(a, b) < self.config.threshold:
+            return False
         sig_a, sig_b = self._signatures([a, b], False, "")
-        return self._share_band(sig_a, sig_b) and _jaccard_sorted(a, b) >= self.config.threshold
+        return self._share_band(sig_a, sig_b)
 
     # --- corpus-level search --------------------------------------------------------------------------
 
