@@ -87,6 +87,8 @@ def test_config_refuses_bad_values() -> None:
         NearDupConfig(threshold=0.0)
     with pytest.raises(ValueError, match="ngram"):
         NearDup(ngram=0)
+    with pytest.raises(ValueError, match="template_share"):
+        NearDup(template_share=1.0)
 
 
 # --- finding duplicates ----------------------------------------------------------------------------------
@@ -143,6 +145,25 @@ def test_templated_documents_are_candidates_but_true_jaccard_rejects_them() -> N
     # The estimate alone would also call some pairs duplicates.
     assert any(sigs[i].jaccard(sigs[j]) >= 0.8 for i in range(len(docs)) for j in range(i))
     assert not any(nd.pair_is_duplicate(docs[0], d) for d in docs[1:])
+
+
+def test_template_share_compares_texts_without_their_shared_template() -> None:
+    """A 500-word template with 60 topic words each: true Jaccard 0.805, so whole texts are duplicates whatever
+    the topic. Without the template (shingles in over half the texts) only a real near copy is one."""
+    rng = np.random.default_rng(6)
+    template = _story(rng, 500)
+    topics = [" ".join(f"topic{i}x{j}" for j in range(60)) for i in range(12)]
+    docs = [template + " " + t for t in topics]
+    copy = topics[3].split()
+    copy[30] = "zebra"
+    docs.append(template + " " + " ".join(copy))  # topic 3 again, one word changed
+    assert jaccard(shingles(docs[0]), shingles(docs[1])) > 0.8
+    assert len(NearDup().find(docs).drop) == 12
+
+    result = NearDup(template_share=0.5).find(docs)
+    assert result.duplicate_of == {12: 3}
+    assert result.template_shingles == len(shingles(template))
+    assert NearDup(template_share=0.5).find(docs, against=docs[5:6]).reference_match == {5: 0}
 
 
 def test_exact_duplicates_keep_the_first_and_follow_its_fate() -> None:

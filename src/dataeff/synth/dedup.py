@@ -9,6 +9,8 @@ hundreds of thousands of templated synthetic documents on different topics into 
 :meth:`NearDup.find` is greedy in input order, so it is deterministic and never chains: a text is dropped only
 if it duplicates a text that is *kept* (an earlier one, or one of the reference texts ``against``), so every
 dropped text has a kept text within τ of it, and no two kept texts are confirmed duplicates of each other.
+Where generations share a long template, true Jaccard is high whatever the topic; ``template_share`` then
+compares texts without the shingles most texts share.
 
 Hashes are stable across processes, platforms and Python versions (xxHash of UTF-8 words, a polynomial over
 them and a 64-bit finalizer; MinHash permutations from the seed), never Python's salted ``hash``.
@@ -156,6 +158,14 @@ def _jaccard_sorted(a: np.ndarray, b: np.ndarray) -> float:
     return 1.0 if union == 0 else inter / union
 
 
+def _common_shingles(arrays: Sequence[np.ndarray], share: float) -> np.ndarray:
+    """The shingles (sorted) found in more than ``share`` of the sets, and in at least two of them."""
+    if not arrays:
+        return np.empty(0, dtype=_U64)
+    values, counts = np.unique(np.concatenate(arrays), return_counts=True)
+    return values[(counts > share * len(arrays)) & (counts >= 2)]
+
+
 def _identity(value: int) -> int:
     # Shingles are already stable, well-mixed hashes: MinHash need not hash them again.
     return value
@@ -172,6 +182,11 @@ class NearDupConfig:
         "weight of missed pairs against needless candidates when choosing the LSH banding; confirmation by true "
         "Jaccard discards needless candidates, so missing pairs costs more (0.5 = datasketch's default)",
     )
+    template_share: float | None = option(
+        None,
+        "find() ignores shingles found in more than this share of the distinct texts (and reference texts): "
+        "template boilerplate shared by generations on different topics; null = compare whole texts",
+    )
 
     def __post_init__(self) -> None:
         if not 0.0 < self.threshold <= 1.0:
@@ -182,6 +197,8 @@ class NearDupConfig:
             raise ValueError(f"num_perm must be at least 2, got {self.num_perm}")
         if not 0.0 <= self.recall_weight <= 1.0:
             raise ValueError(f"recall_weight must be in [0, 1], got {self.recall_weight}")
+        if self.template_share is not None and not 0.0 < self.template_share < 1.0:
+            raise ValueError(f"template_share must be in (0, 1) or null, got {self.template_share}")
 
 
 @dataclass(frozen=True)
@@ -192,7 +209,8 @@ class DedupResult:
     it matches a reference text (``reference_match[i]`` is that text's index in ``against``), or else it is an
     exact or near duplicate of the kept text ``duplicate_of[i]`` (always an earlier index). ``candidates`` and
     ``rejected`` count the LSH candidate pairs among the texts and those that true Jaccard refused;
-    ``reference_candidates`` and ``reference_rejected`` the same for pairs with a reference text.
+    ``reference_candidates`` and ``reference_rejected`` the same for pairs with a reference text;
+    ``template_shingles`` how many shingles were ignored as template (``template_share``).
     """
 
     n: int
@@ -206,6 +224,7 @@ class DedupResult:
     rejected: int
     reference_candidates: int
     reference_rejected: int
+    template_shingles: int = 0
 
     @property
     def keep(self) -> list[int]:
@@ -225,6 +244,7 @@ class DedupResult:
             "n": self.n, "dropped": len(self.drop), "exact": self.exact, "near": self.near, "against": self.against,
             "candidates": self.candidates, "rejected": self.rejected,
             "reference_candidates": self.reference_candidates, "reference_rejected": self.reference_rejected,
+            "template_shingles": self.template_shingles,
         }
 
 
@@ -272,8 +292,8 @@ class NearDup:
         """Whether :meth:`find` would count the two texts as duplicates: their MinHash signatures agree on a
         whole LSH band (they are an LSH candidate pair) and the true Jaccard of their shingles is at least τ.
 
-        The MinHash gate is the band test rather than "estimated Jaccard ≥ τ" so that this answer and
-        :meth:`find` agree on every pair; an estimate test would also refuse 28% of the pairs at J = 0.82 (the
+        ``template_share`` does not apply: two texts alone show no template. The MinHash gate is the band test
+        rather than "estimated Jaccard ≥ τ" so that this answer and :meth:`find` agree on every pair; an estimate test would also refuse 28% of the pairs at J = 0.82 (the
         estimate's standard deviation there is 0.034 with 128 permutations).
         """
         a, b = self._shingles(text_a), self._shingles(text_b)
@@ -305,17 +325,22 @@ class NearDup:
         reps = sorted(first.values())
         arrays = {i: _shingles_of(text_words[i], ngram) for i in tqdm(reps, desc="shingles", unit="doc", disable=not show, leave=False)}
         del text_words
+        ref_keys: dict[int, int] = {}
+        ref_arrays: list[np.ndarray] = []
+        for j, t in enumerate(tqdm(against or (), desc="reference shingles", unit="doc", disable=not show, leave=False)):
+            ws = _word_bytes(t)
+            ref_keys.setdefault(xxhash.xxh3_128_intdigest(b" ".join(ws)), j)
+            ref_arrays.append(_shingles_of(ws, ngram))
+        template = np.empty(0, dtype=_U64)
+        if self.config.template_share is not None:
+            template = _common_shingles([*arrays.values(), *ref_arrays], self.config.template_share)
+            arrays = {i: a[~np.isin(a, template, assume_unique=True)] for i, a in arrays.items()}
+            ref_arrays = [a[~np.isin(a, template, assume_unique=True)] for a in ref_arrays]
         sigs = dict(zip(reps, self._signatures([arrays[i] for i in reps], show, "minhash"), strict=True))
 
         reference_match: dict[int, int] = {}
         ref_candidates = ref_rejected = 0
         if against:
-            ref_keys: dict[int, int] = {}
-            ref_arrays = []
-            for j, t in enumerate(tqdm(against, desc="reference shingles", unit="doc", disable=not show, leave=False)):
-                ws = _word_bytes(t)
-                ref_keys.setdefault(xxhash.xxh3_128_intdigest(b" ".join(ws)), j)
-                ref_arrays.append(_shingles_of(ws, ngram))
             lsh = MinHashLSH(**self._lsh_args)
             with lsh.insertion_session() as session:
                 for j, sig in enumerate(self._signatures(ref_arrays, show, "reference minhash")):
@@ -360,7 +385,7 @@ class NearDup:
             n=n, drop=drop, exact=exact, near=near, against=len(reference_match),
             duplicate_of=duplicate_of, reference_match=reference_match,
             candidates=candidates, rejected=rejected,
-            reference_candidates=ref_candidates, reference_rejected=ref_rejected,
+            reference_candidates=ref_candidates, reference_rejected=ref_rejected, template_shingles=template.size,
         )
 
     def _best(self, query: np.ndarray, cands: list[int], shingles_of: Any) -> tuple[int, int] | None:
