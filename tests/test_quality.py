@@ -17,6 +17,7 @@ from dataeff.synth.quality import (
     Corpus,
     QualityConfig,
     RepetitionConfig,
+    Share,
     common_span,
     copy_threshold,
     copying_share,
@@ -350,3 +351,7 @@ def test_config_refuses_bad_values() -> None:
         CopyingConfig(share=0)
     with pytest.raises(ValueError, match="alpha"):
         QualityConfig(alpha=2)
+    with pytest.raises(ValueError, match="no documents"):
+        repetition_share([])
+    with pytest.raises(ValueError, match="between"):
+        Share(3, 2)

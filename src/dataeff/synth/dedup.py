@@ -35,6 +35,7 @@ from dataeff.config import option
 # Anything that is not a letter or a digit (in any script) separates words.
 _NON_WORD = re.compile(r"[\W_]+")
 
+# For ASCII text: every byte that is not a letter or digit becomes a space.
 _ASCII_BREAKS = bytes(c if chr(c).isalnum() else 32 for c in range(256))
 
 # The polynomial base of the n-gram hash: odd, so it is invertible modulo 2**64 (see ngram_hashes).

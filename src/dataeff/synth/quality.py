@@ -135,6 +135,12 @@ class Share:
     count: int
     total: int
 
+    def __post_init__(self) -> None:
+        if self.total < 1:
+            raise ValueError("a share of no documents is not a measurement")
+        if not 0 <= self.count <= self.total:
+            raise ValueError(f"count {self.count} is not between 0 and total {self.total}")
+
     @property
     def value(self) -> float:
         return self.count / self.total
