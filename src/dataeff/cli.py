@@ -168,9 +168,9 @@ COMMANDS = [
             _tasks_config, _tasks, "run_dir"),
     Command("sample", "generate text from a run or an ensemble (e.g. for sequence-level distillation)",
             _sample_config, _sample, "run_dir"),
-    Command("quality", "quality metrics of synthetic corpora (repetition, duplicates, pair copying and irrelevance, "
-            "source overlap, non-factual) beside a real reference row; writes quality.json", _quality_config, _quality,
-            "synthetic"),
+    Command("quality", "quality metrics of synthetic corpora (repetition, duplicates, reference copies, pair copying "
+            "and irrelevance, source overlap, non-factual) beside a real reference row; writes quality.json",
+            _quality_config, _quality, "synthetic"),
 ]
 
 
