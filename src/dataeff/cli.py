@@ -134,6 +134,20 @@ def _ensemble_config() -> type:
     return EnsembleTrainConfig
 
 
+def _quality(cfg: Any) -> None:
+    from dataeff.synth.quality import run_quality
+
+    report = run_quality(cfg)
+    print(report.to_markdown())
+    print(f"\nwritten: {cfg.out}")
+
+
+def _quality_config() -> type:
+    from dataeff.synth.quality import QualityConfig
+
+    return QualityConfig
+
+
 def _sample_config() -> type:
     from dataeff.generate.sample import SampleConfig
 
@@ -154,6 +168,9 @@ COMMANDS = [
             _tasks_config, _tasks, "run_dir"),
     Command("sample", "generate text from a run or an ensemble (e.g. for sequence-level distillation)",
             _sample_config, _sample, "run_dir"),
+    Command("quality", "quality metrics of synthetic corpora (repetition, duplicates, reference copies, pair copying "
+            "and irrelevance, source overlap, non-factual) beside a real reference row; writes quality.json",
+            _quality_config, _quality, "synthetic"),
 ]
 
 

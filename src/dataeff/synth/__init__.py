@@ -1,4 +1,4 @@
-"""Synthetic data: producers that write new training corpora (JSONL) from a world or an outside model.
-
-Training never imports this package; what it writes reaches a run through ``data.synthetic``.
+"""Synthetic data: producers that write JSONL corpora (a "text" field plus provenance fields), and the tools that
+measure and clean them (near-duplicate detection, quality metrics). Training never imports this package; it reads
+the corpora through ``data.synthetic``.
 """
