@@ -9,7 +9,7 @@ import pytest
 
 from dataeff.config import config_hash, describe, from_dict, load, option, parse_overrides, section, to_dict
 from dataeff.errors import DataeffError
-from dataeff.train.config import RunConfig, TrainConfig, run_hash
+from dataeff.train import RunConfig, TrainConfig, run_hash
 
 
 @dataclass
@@ -105,8 +105,8 @@ class NewRun(RunConfig):
     train: NewTrain = section(NewTrain, "training loop")
 
 
-def test_a_new_field_with_a_default_keeps_every_run_identity() -> None:
-    data = {"optim": {"lr": 1e-2}, "train": {"epochs": 3}, "model": {"preset": "nano"}}
+def test_a_new_field_with_a_default_keeps_every_run_identity(small_corpus) -> None:
+    data = {"data": {"corpus": str(small_corpus)}, "optim": {"lr": 1e-2}, "train": {"epochs": 3}, "model": {"preset": "nano"}}
     old, new = from_dict(RunConfig, data), from_dict(NewRun, data)
     assert run_hash(new) == run_hash(old)
     assert run_hash(from_dict(NewRun, {**data, "train": {"epochs": 3, "shiny": 0.7}})) != run_hash(old)

@@ -112,7 +112,8 @@ def test_save_hf_loads_offline_with_tokenizer(tmp_path, tokenizer_json, name):
     _assert_same_logits(model, hf, _tokens(model.cfg.vocab_size))
     eos_id = tok.token_to_id(EOS)
     assert hf.config.eos_token_id == eos_id and hf.generation_config.eos_token_id == eos_id
-    assert hf.config.bos_token_id is None
+    # Documents start after an end-of-document token, so it is also the export's BOS.
+    assert hf.config.bos_token_id == eos_id
     config = json.loads((out / "config.json").read_text())
     assert config["rope_theta"] == model.cfg.rope_theta  # for transformers 4.x readers
 
@@ -121,7 +122,8 @@ def test_save_hf_loads_offline_with_tokenizer(tmp_path, tokenizer_json, name):
     assert hf_tok.eos_token == EOS and hf_tok.eos_token_id == eos_id
     assert hf_tok.model_max_length == model.cfg.seq_len
     for text in ["the cat sat", "  dog ran  far" + EOS + "Über 🙂", ""]:
-        assert hf_tok(text)["input_ids"] == tok.encode(text).ids
+        assert hf_tok(text)["input_ids"] == [eos_id, *tok.encode(text).ids]
+        assert hf_tok(text, add_special_tokens=False)["input_ids"] == tok.encode(text).ids
     assert hf_tok.decode(tok.encode("a cat").ids) == "a cat"
 
     assert stat.S_IMODE(out.stat().st_mode) == 0o755

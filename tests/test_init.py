@@ -48,10 +48,10 @@ def test_a_run_starts_from_a_hugging_face_checkpoint(base, tmp_path):
 def test_continued_runs_keep_the_sources_shape_and_refuse_another(base, tmp_path):
     cfg, _ = base
     longer = frozen(cfg, tmp_path / "longer", cfg.run_dir)
-    longer.model.seq_len, longer.model.dropout = 48, 0.1  # context and dropout are the run's own
+    longer.model.seq_len, longer.model.dropout = 64, 0.1  # context and dropout are the run's own
     train(longer)
     shape = json.loads((tmp_path / "longer" / "manifest.json").read_text())["model"]
-    assert shape["seq_len"] == 48 and shape["dropout"] == 0.1 and shape["d_model"] == 32
+    assert shape["seq_len"] == 64 and shape["dropout"] == 0.1 and shape["d_model"] == 32
     wider = frozen(cfg, tmp_path / "wider", cfg.run_dir)
     wider.model.preset = "micro"
     with pytest.raises(DataeffError, match=r"model\.d_model=64 differs from .*'s 32"):

@@ -139,7 +139,8 @@ def test_cli_lists_filters_and_exports(root, tmp_path, capsys):
     out_csv = tmp_path / "done.csv"
     assert cli_main(["runs", str(root), "status=done", "where=[optim.weight_decay=0.8]", "sort=-lr", f"csv={out_csv}"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    assert lines[0].split() == ["hash", "status", "preset", "params", "lr", "wd", "epochs", "val_loss"]
+    assert lines[0].split() == ["run", "status", "preset", "params", "lr", "wd", "epochs", "val_loss"]
+    assert lines[1].split()[0].startswith("runs/")  # where each run is, relative to the root
     assert [line.split()[4] for line in lines[1:3]] == ["0.03", "0.01"]
     assert lines[3] == "2 runs: 2 done, 0 failed, 0 partial" and lines[4] == f"csv: {out_csv}"
     assert out_csv.exists()

@@ -198,7 +198,7 @@ def test_generate_refuses_bad_requests() -> None:
 
 @pytest.mark.parametrize(("key", "value", "message"), [
     ("temperature", -1, "sample.temperature: -1.0 must be a number >= 0"),
-    ("temperature", "nan", "sample.temperature: nan"),
+    ("temperature", "nan", "field .temperature.: .nan. is not a finite number"),
     ("top_p", 1.5, r"sample.top_p: 1.5 must be in \(0, 1\]"),
     ("top_p", 0, "sample.top_p: 0.0"),
     ("top_k", -3, "sample.top_k: -3 must be >= 0"),

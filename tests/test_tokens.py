@@ -12,7 +12,7 @@ import dataeff.tokens
 from dataeff.data import DataConfig
 from dataeff.errors import DataeffError
 from dataeff.tokenizer import Tokenizer, TokenizerConfig
-from dataeff.tokens import COMPLETE_MARKER, load_prepared, prepare, token_dtype, tokenize_file
+from dataeff.tokens import COMPLETE_MARKER, LOCKS, load_prepared, prepare, token_dtype, tokenize_file
 
 BPE = TokenizerConfig(kind="bpe", vocab_size=300)
 WORD = TokenizerConfig(kind="word", vocab_size=1000, min_frequency=1)
@@ -144,7 +144,7 @@ def test_budget_beyond_the_corpus_is_refused_with_its_size(small_corpus, tmp_pat
     with pytest.raises(DataeffError) as e:
         prepare(_data(small_corpus, tmp_path, train_tokens=full.n_tokens + 1), BPE, progress=False)
     assert "\n" not in str(e.value) and f"{full.n_tokens} tokens" in str(e.value)
-    assert not [p for p in (tmp_path / "cache").iterdir() if p.name.startswith(".")]  # no leftovers
+    assert not [p for p in (tmp_path / "cache").iterdir() if p.name.startswith(".") and p.name != LOCKS]  # no leftovers
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -183,7 +183,7 @@ def test_a_crash_mid_build_leaves_nothing_that_looks_complete(small_corpus, tmp_
     monkeypatch.setattr(dataeff.tokens, "unigram_entropy", crash)
     with pytest.raises(KeyboardInterrupt):
         prepare(data, BPE, progress=False)
-    stores = [p for p in (tmp_path / "cache").iterdir() if p.name != "tokenizers"]
+    stores = [p for p in (tmp_path / "cache").iterdir() if p.name not in ("tokenizers", LOCKS)]
     assert stores == []
     monkeypatch.undo()
     assert (prepare(data, BPE, progress=False).path / COMPLETE_MARKER).exists()

@@ -5,13 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from dataeff import __version__
 from dataeff.config import help_text, load, option
-from dataeff.errors import DataeffError
+from dataeff.errors import DataeffError, DataeffWarning
 
 
 @dataclass(frozen=True)
@@ -176,14 +177,19 @@ COMMANDS = [
 
 def _split_args(items: list[str], positional: str | None = None) -> tuple[str | None, list[str]]:
     overrides = [a for a in items if "=" in a]
-    configs = []
+    configs, bare = [], []
     for a in items:
         if "=" in a:
             continue
         if positional and not a.endswith((".yaml", ".yml")):
-            overrides.append(f"{positional}={a}")
+            bare.append(a)
         else:
             configs.append(a)
+    if len(bare) > 1:
+        # Each would set the same field and the last would win: the others would be silently ignored.
+        raise DataeffError(f"{len(bare)} values for {positional} ({', '.join(bare)}); give one"
+                           + (", or members=[...] for an ensemble" if positional == "run_dir" else ""))
+    overrides += [f"{positional}={a}" for a in bare]
     if len(configs) > 1:
         raise DataeffError(f"expected at most one config file, got {configs}; overrides are written key=value")
     return (configs[0] if configs else None), overrides
@@ -208,8 +214,20 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int, file: Any = None,
+                  line: str | None = None) -> None:
+    if issubclass(category, DataeffWarning):
+        print(f"dataeff: warning: {message}", file=sys.stderr)
+    else:
+        _python_show_warning(message, category, filename, lineno, file, line)
+
+
+_python_show_warning = warnings.showwarning
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    warnings.showwarning = _show_warning
     parser = build_parser(next((a for a in argv if not a.startswith("-")), None))
     ns = parser.parse_args(argv)
     cmd = next(c for c in COMMANDS if c.name == ns.command)

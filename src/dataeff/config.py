@@ -7,10 +7,12 @@ file, the line and the field, and suggests the closest valid key.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import hashlib
 import json
+import math
 import types
 import typing
 from pathlib import Path
@@ -24,12 +26,32 @@ from dataeff.fsutil import atomic_write_text
 T = TypeVar("T")
 
 
-def option(default: Any, help: str) -> Any:
-    """A dataclass field with a default and a help text (mutable defaults are copied per instance)."""
+def option(default: Any, help: str, *, min: float | None = None, max: float | None = None,
+           above: float | None = None, below: float | None = None) -> Any:
+    """A dataclass field with a default and a help text (mutable defaults are copied per instance).
+
+    ``min``/``max`` bound a number inclusively, ``above``/``below`` exclusively; a value outside is refused with
+    the field's name and where it was set (None, for an optional field, always passes).
+    """
+    bounds = {k: v for k, v in (("min", min), ("max", max), ("above", above), ("below", below)) if v is not None}
+    metadata = {"help": help, **({"bounds": bounds} if bounds else {})}
     if isinstance(default, list | dict):
         value = default
-        return dataclasses.field(default_factory=lambda: type(value)(value), metadata={"help": help})
-    return dataclasses.field(default=default, metadata={"help": help})
+        return dataclasses.field(default_factory=lambda: type(value)(value), metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def _check_bounds(value: Any, bounds: dict[str, float], path: str, where: str) -> None:
+    numbers = value if isinstance(value, list | tuple) else [value]
+    for v in numbers:
+        if v is None or isinstance(v, bool) or not isinstance(v, int | float):
+            continue
+        for kind, limit in bounds.items():
+            ok = {"min": v >= limit, "max": v <= limit, "above": v > limit, "below": v < limit}[kind]
+            if not ok:
+                shown = f"{limit:g}" if isinstance(limit, float) else str(limit)
+                rule = {"min": f">= {shown}", "max": f"<= {shown}", "above": f"> {shown}", "below": f"< {shown}"}[kind]
+                raise DataeffError(f"{where}: field '{path}': {v!r} must be {rule}")
 
 
 def section(cls: type, help: str) -> Any:
@@ -61,6 +83,25 @@ def _yaml_lines(text: str) -> dict[str, int]:
     return lines
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """A safe loader that refuses a key given twice in one mapping, naming both lines (PyYAML keeps the last)."""
+
+
+def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+    seen: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)  # type: ignore[no-untyped-call]
+        line = key_node.start_mark.line + 1
+        if key in seen:
+            raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r} (lines {seen[key]} and {line})",
+                                                    key_node.start_mark)
+        seen[key] = line
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
 def read_yaml(path: str | Path) -> tuple[dict[str, Any], dict[str, int]]:
     """Read a YAML mapping; return it with the line number of every key."""
     path = Path(path)
@@ -71,7 +112,7 @@ def read_yaml(path: str | Path) -> tuple[dict[str, Any], dict[str, int]]:
     except UnicodeDecodeError as e:
         raise DataeffError(f"{path}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader: builds only plain data
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f":{mark.line + 1}" if mark is not None else ""
@@ -165,14 +206,18 @@ def _coerce(value: Any, tp: Any, path: str, where: _Where) -> Any:
                 pass
         raise DataeffError(f"{where(path)}: field '{path}': expected an integer, got {value!r}")
     if tp is float:
+        number: float | None = None
         if isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise DataeffError(f"{where(path)}: field '{path}': expected a number, got {value!r}")
+            number = float(value)
+        elif isinstance(value, str):
+            with contextlib.suppress(ValueError):
+                number = float(value)
+        if number is None:
+            raise DataeffError(f"{where(path)}: field '{path}': expected a number, got {value!r}")
+        # No setting means anything at NaN or infinity; they only ever arrive by mistake.
+        if not math.isfinite(number):
+            raise DataeffError(f"{where(path)}: field '{path}': {value!r} is not a finite number")
+        return number
     if tp is str:
         if isinstance(value, str):
             return value
@@ -206,6 +251,8 @@ def _from_dict(cls: type[T], data: dict[str, Any], prefix: str, where: _Where) -
             hint = f"; did you mean '{prefix}{close}'?" if close else f"; valid keys here: {', '.join(valid)}"
             raise DataeffError(f"{where(path)}: unknown config key '{path}'{hint}")
         kwargs[key] = _coerce(value, hints[key], path, where)
+        if "bounds" in fields[key].metadata:
+            _check_bounds(kwargs[key], fields[key].metadata["bounds"], path, where(path))
     missing = [name for name, f in fields.items() if name not in kwargs and f.init
                and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
     if missing:
@@ -295,7 +342,11 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
             raise DataeffError(f"override {item!r}: expected key=value, e.g. optim.lr=3e-3")
         try:
             value = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError:
+        except yaml.YAMLError as e:
+            if raw.lstrip().startswith(("[", "{")):
+                # A list or mapping that does not parse must not become one string holding its brackets.
+                problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+                raise DataeffError(f"override {key.strip()}={raw!r}: not a valid list or mapping ({problem})") from None
             value = raw
         flat[key.strip()] = value
     return unflatten(flat)

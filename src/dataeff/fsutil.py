@@ -1,10 +1,13 @@
-"""Atomic file writes: a reader sees the old file or the new one, never half of one."""
+"""Atomic file writes (a reader sees the old file or the new one, never half of one), and exclusive locks."""
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
+import socket
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -57,3 +60,34 @@ def read_jsonl(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
         except json.JSONDecodeError:
             break
     return rows
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: str | os.PathLike[str], what: str) -> Iterator[None]:
+    """Hold an exclusive lock on the file ``path`` (created if missing); while another process holds it, say
+    who does (``what`` names the thing locked) and wait.
+
+    An ``flock`` belongs to the open file, so it is released when its process ends however it ends (SIGKILL
+    included): a killed process never leaves a stale lock. Linux maps it onto NFS byte-range locks, so processes
+    on several machines sharing a directory exclude each other as well.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666 & ~_UMASK)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 256, 0).decode(errors="replace").strip() or "another process"
+            print(f"dataeff: {what} is in use by {holder}; waiting for it", file=sys.stderr, flush=True)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)
+
+
+def make_dir_like_open(path: str | os.PathLike[str]) -> None:
+    """Give a directory made by ``tempfile.mkdtemp`` (mode 0700) the permissions ``mkdir`` would have."""
+    os.chmod(path, 0o777 & ~_UMASK)

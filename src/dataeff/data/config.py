@@ -34,13 +34,13 @@ class DataConfig:
         "a separate validation source: a file or directory (an HF split name for hf:<name>); named corpora fill "
         "it; when none, documents are held out of the training split",
     )
-    val_fraction: float = option(0.05, "fraction of training documents held out for validation when there is no val_split")
-    val_docs: int | None = option(None, "number of documents held out for validation (overrides val_fraction)")
-    split_seed: int = option(0, "seed of the document-level validation hold-out")
+    val_fraction: float = option(0.05, "fraction of training documents held out for validation when there is no val_split", above=0.0, below=1.0)
+    val_docs: int | None = option(None, "number of documents held out for validation (overrides val_fraction)", min=1)
+    split_seed: int = option(0, "seed of the document-level validation hold-out", min=0)
     train_tokens: int | None = option(
-        None, "token budget D of the training split (EOS tokens count); null = the whole training split"
-    )
-    budget_seed: int = option(0, "seed of the document shuffle that picks the token budget; same seed = nested budgets")
+        None, "token budget D of the training split (EOS tokens count); null = the whole training split",
+        min=1)
+    budget_seed: int = option(0, "seed of the document shuffle that picks the token budget; same seed = nested budgets", min=0)
     synthetic: str | None = option(
         None,
         "a synthetic corpus (.jsonl, .txt or .parquet, e.g. samples of a teacher) mixed into the training split; it "
@@ -51,7 +51,7 @@ class DataConfig:
         0.0,
         "share of every epoch's training tokens that are synthetic: the first D·s/(1-s) synthetic tokens join the "
         "D real ones, so the real data is still seen once per epoch (the paper used 0.75-0.9)",
-    )
+        min=0.0, below=1.0)
     cache_dir: str = option("cache", "directory for prepared token stores (relative to the working directory)")
 
     def __post_init__(self) -> None:
@@ -73,10 +73,10 @@ class TokenizerConfig:
         "auto", "byte-level BPE, word-level, or an existing tokenizer.json (file); auto = the corpus's default"
     )
     vocab_size: int = option(
-        4096, "vocabulary size; for word-level a cap (all training words up to it, by frequency; the rest <unk>)"
-    )
+        4096, "vocabulary size; for word-level a cap (all training words up to it, by frequency; the rest <unk>)",
+        min=2, max=2**24)
     path: str | None = option(None, "an existing tokenizer.json, for kind=file")
-    min_frequency: int = option(2, "minimum count of a BPE merge or of a word to enter the vocabulary")
+    min_frequency: int = option(2, "minimum count of a BPE merge or of a word to enter the vocabulary", min=1, max=2**31)
 
     def __post_init__(self) -> None:
         if self.vocab_size < 2:

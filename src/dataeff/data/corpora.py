@@ -335,9 +335,18 @@ def load_documents(cfg: DataConfig) -> dict[str, list[str]]:
 # identity
 
 
+_SHA256: dict[tuple[str, int, int], str] = {}
+
+
 def file_sha256(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+    """The file's sha256, cached while its size and modification time stay the same: identities of runs and
+    stores hash their inputs on every call, and a process asks for the same corpus many times."""
+    st = os.stat(path)
+    key = (str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _SHA256:
+        with open(path, "rb") as f:
+            _SHA256[key] = hashlib.file_digest(f, "sha256").hexdigest()
+    return _SHA256[key]
 
 
 def corpus_fingerprint(cfg: DataConfig) -> str:

@@ -33,12 +33,13 @@ from dataeff.data.corpora import (
 )
 from dataeff.data.tokenizer import Tokenizer, build_tokenizer, resolve_kind
 from dataeff.errors import DataeffError
-from dataeff.fsutil import atomic_write_json
+from dataeff.fsutil import atomic_write_json, exclusive_lock, make_dir_like_open
 
 # Bumped whenever the store layout, its tokenization rules, or a default of DataConfig or TokenizerConfig
 # changes (store identities leave defaults out), so old stores are not reused.
 STORE_VERSION = 2
 COMPLETE_MARKER = ".complete"
+LOCKS = ".locks"  # one lock file per store name, held while that store is built
 _BATCH_DOCS = 1024
 # Fields that change where things are kept, not what they contain.
 _NOT_IDENTITY = ("cache_dir",)
@@ -234,17 +235,35 @@ def _store_keys(data: DataConfig, tok: TokenizerConfig) -> tuple[Path, str, str]
     return store, f"{name}-{_hash({**common, 'data': unbudgeted})}", kind
 
 
+def store_identity(data: DataConfig, tok: TokenizerConfig) -> str:
+    """The name of the store these configs make: a hash of the corpus's content, the data settings and the
+    tokenizer's. A run's identity includes it, so new data means a new run."""
+    return _store_keys(data, tok)[0].name
+
+
 def prepare(data: DataConfig, tok: TokenizerConfig, *, progress: bool = True) -> PreparedData:
     """Tokenize the corpus into its store, or open the store if an identical one is already complete."""
     store, tokenizer_key, kind = _store_keys(data, tok)
     if (store / COMPLETE_MARKER).exists():
         return load_prepared(store)
+    # One process builds a store; the others wait for it and find it complete.
+    with exclusive_lock(store.parent / LOCKS / f"{store.name}.lock", str(store)):
+        if (store / COMPLETE_MARKER).exists():
+            return load_prepared(store)
+        for stale in store.parent.glob(f".{store.name}.*.tmp"):
+            shutil.rmtree(stale, ignore_errors=True)  # left by a killed build: the lock says none is running
+        return _build(store, tokenizer_key, kind, data, tok, progress)
+
+
+def _build(store: Path, tokenizer_key: str, kind: str, data: DataConfig, tok: TokenizerConfig,
+           progress: bool) -> PreparedData:
     docs = load_documents(data)
     cache = Path(data.cache_dir)
     tokenizer = _cached_tokenizer(cache, tokenizer_key, tok, docs["train"], default_tokenizer_kind(data), progress)
     dtype = token_dtype(tokenizer.vocab_size)
     cache.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{store.name}.", suffix=".tmp", dir=cache))
+    make_dir_like_open(tmp)
     try:
         tokenizer.save(tmp / "tokenizer.json")
         splits: dict[str, dict[str, int]] = {}

@@ -26,13 +26,13 @@ class EvalConfig:
     file: str | None = option(None, "score this text file instead of a split (documents as the corpus separates them)")
     checkpoint: str | None = option(None, "weights to score (default: the run's final model.safetensors; also "
                                           "model_ema.safetensors, model_swa.safetensors, snapshots/ or checkpoints/ files)")
-    max_tokens: int | None = option(None, "score at most this many tokens (default: all)")
-    batch_size: int = option(16, "sequences per forward pass")
+    max_tokens: int | None = option(None, "score at most this many tokens (default: all)", min=1)
+    batch_size: int = option(16, "sequences per forward pass", min=1)
     dtype: str = option("bf16", "bf16 or fp32")
     device: str = option("auto", "auto, cpu, cuda or mps")
     tasks: list[str] = option([], "also score these downstream tasks (arc_easy, arc_challenge, piqa, hellaswag, "
                                   "blimp, lambada_openai) from DATAEFF_DATA_DIR")
-    limit: int | None = option(None, "tasks: at most this many items per task (a seeded random subset)")
+    limit: int | None = option(None, "tasks: at most this many items per task (a seeded random subset)", min=1)
 
 
 def _split(cfg: EvalConfig, prepared: PreparedData) -> tuple[TokenSplit, str]:

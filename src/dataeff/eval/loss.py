@@ -10,6 +10,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from dataeff.errors import DataeffError
 from dataeff.train.dist import autocast
 
 
@@ -87,4 +88,6 @@ def evaluate(
         nats += float(nll.double().sum())
         count += nll.numel()
     model.train(was_training)
+    if count == 0:
+        raise DataeffError(f"evaluation: {len(tokens)} held-out tokens leave no target to score")
     return summarize(nats, count, len(tokens), n_bytes, n_words)

@@ -469,9 +469,9 @@ class TasksConfig:
     combine: Literal["prob", "logit"] | None = option(None, "how an ensemble combines members: prob or logit "
                                                             "averaging (default: an ensemble.json's mode, else prob)")
     tasks: list[str] = option(list(TASKS), "tasks to run: " + ", ".join(TASKS))
-    limit: int | None = option(None, "at most this many items per task (default: all)")
-    limit_seed: int | None = option(0, "seed of the random subset limit keeps, in file order (null: the first items)")
-    batch_size: int = option(32, "sequences per forward pass")
+    limit: int | None = option(None, "at most this many items per task (default: all)", min=1)
+    limit_seed: int | None = option(0, "seed of the random subset limit keeps, in file order (null: the first items)", min=0)
+    batch_size: int = option(32, "sequences per forward pass", min=1)
     device: str = option("auto", "auto, cpu, cuda or mps")
     progress: bool = option(True, "show a progress bar per task")
     out: str | None = option(None, "also write the results as JSON to this file")

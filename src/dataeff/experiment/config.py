@@ -35,7 +35,7 @@ class PipelineConfig:
     seeds: list[int] = option([0], "seeds per grid point (init and data order); their mean loss is what is tuned")
     confirm_seeds: list[int] = option([], "extra seeds on which every tuned optimum is trained again: its loss "
                                           "becomes the mean over all seeds, and their spread sets the fit intervals")
-    max_extensions: int = option(2, "how far a ladder may grow past its end when the optimum sits on it")
+    max_extensions: int = option(2, "how far a ladder may grow past its end when the optimum sits on it", min=0)
     data_scaling: tuning.DataScalingConfig = section(tuning.DataScalingConfig, "data-scaling baseline for the multipliers")
     # One section per later stage, each registered in STAGES below.
     overfitting: overfitting.OverfittingConfig = section(overfitting.OverfittingConfig, "the loss-vs-epochs-per-weight-decay figure")

@@ -37,12 +37,12 @@ def member_config(base: RunConfig, i: int, vary: Vary = "both", first_seed: int 
 class EnsembleTrainConfig:
     name: str = option("ensemble", "the ensemble's name (in ensemble.json)")
     out: str = option("", "directory of the members' runs, ensemble.json and scores.json (default: runs/ensembles/<name>)")
-    members: int = option(4, "K: members to train")
+    members: int = option(4, "K: members to train", min=1)
     vary: Vary = option("both", "what differs between members: both seeds, the initialisation, or the data order")
-    first_seed: int = option(0, "member i uses seed first_seed + i")
+    first_seed: int = option(0, "member i uses seed first_seed + i", min=0)
     combine: Literal["prob", "logit"] = option("prob", "how ensemble.json combines members by default")
     fitness_tokens: int = option(
-        16384, "held-out training-pool tokens (disjoint from validation) to learn member weights on (0: none)")
+        16384, "held-out training-pool tokens (disjoint from validation) to learn member weights on (0: none)", min=0)
     base: RunConfig = section(RunConfig, "the members' config; the seeds are set per member")
     executor: ExecutorConfig = section(ExecutorConfig, "where and how the members train")
 

@@ -31,8 +31,9 @@ from tqdm.auto import tqdm
 
 from dataeff.config import config_hash, dump_yaml, from_dict, option, read_yaml, to_dict
 from dataeff.errors import DataeffError
-from dataeff.train.config import RunConfig, run_hash, run_identity
-from dataeff.train.rundir import FAILED, mark_done, mark_failed, read_failure, read_result, status
+from dataeff.train.config import RunConfig
+from dataeff.train.identity import recorded_identity, run_hash, run_identity
+from dataeff.train.rundir import FAILED, mark_done, mark_failed, read_failure, read_result, run_lock, status
 
 
 @dataclass
@@ -40,8 +41,7 @@ class ExecutorConfig:
     backend: Literal["local", "ray"] = option("local", "local (a process pool on this machine) or ray")
     workers: int = option(0, "jobs run at once (0: auto, one per thread group of the machine's cores)")
     threads_per_worker: int = option(
-        0, "torch threads per job (0: auto: workers × threads = cores; a single job gets every core)"
-    )
+        0, "torch threads per job (0: auto: workers × threads = cores; a single job gets every core)")
     retry_failed: bool = option(False, "train runs again whose directory holds a FAILED marker")
     ray_address: str | None = option(
         None, "ray: null starts a local Ray instance on this machine's cores; auto or host:port joins a cluster"
@@ -118,9 +118,8 @@ def _describe(job: Job) -> dict[str, Any]:
 def _recorded(job: Job) -> dict[str, Any] | None:
     """The identity of the job whose record ``job.out_dir`` holds (None when it holds none)."""
     if job.fn == TRAIN:
-        path = job.out_dir / "config.yaml"
-        return {"fn": TRAIN, "config": run_identity(from_dict(RunConfig, read_yaml(path)[0], source=str(path)))} \
-            if path.exists() else None
+        recorded = recorded_identity(job.out_dir)
+        return None if recorded is None else {"fn": TRAIN, "config": recorded}
     path = job.out_dir / JOB_FILE
     if not path.exists():
         return None
@@ -174,12 +173,16 @@ def _run_job(data: dict[str, Any]) -> Outcome:
     # Reached with a FAILED marker only when retrying; removing it lets a new failure be told from the old one.
     (job.out_dir / FAILED).unlink(missing_ok=True)
     try:
-        if job.fn != TRAIN:
-            job.out_dir.mkdir(parents=True, exist_ok=True)
-            dump_yaml(_describe(job), job.out_dir / JOB_FILE)
-        result = _resolve(job.fn)(job.config, job.out_dir)
-        if status(job.out_dir) != "done":
-            mark_done(job.out_dir, result)
+        if job.fn == TRAIN:
+            result = _resolve(job.fn)(job.config, job.out_dir)  # train() locks its run directory itself
+        else:
+            with run_lock(job.out_dir):
+                # Another process may have finished it while this one waited for the lock.
+                if status(job.out_dir) == "done":
+                    return "done", read_result(job.out_dir), None, time.perf_counter() - start
+                dump_yaml(_describe(job), job.out_dir / JOB_FILE)
+                result = _resolve(job.fn)(job.config, job.out_dir)
+                mark_done(job.out_dir, result)
     except Exception as e:
         error = _one_line(e)
         if status(job.out_dir) != "failed" and _owns(job):
@@ -279,6 +282,10 @@ def run(jobs: list[Job], cfg: ExecutorConfig, *, progress: bool = True, desc: st
 
     results: dict[Path, JobResult] = {}
     for d, job in unique.items():
+        if not _owns(job):
+            results[d] = JobResult(job.config, d, "failed", None, f"{d}: holds another config's work; choose another "
+                                   "directory, or delete that one", 0.0)
+            continue
         st = status(d)
         if st == "done":
             results[d] = JobResult(job.config, d, "skipped", read_result(d), None, 0.0)

@@ -19,14 +19,14 @@ from dataeff.experiment import scaling
 
 @dataclass
 class FitConfig:
-    n_boot: int = option(1000, "bootstrap replicates for every interval")
-    ci: float = option(0.95, "confidence level of the intervals")
-    seed: int = option(0, "bootstrap seed")
+    n_boot: int = option(1000, "bootstrap replicates for every interval", min=1)
+    ci: float = option(0.95, "confidence level of the intervals", above=0.0, below=1.0)
+    seed: int = option(0, "bootstrap seed", min=0)
     method: Literal["auto", "pairs", "residual", "parametric"] = option(
         "auto", "bootstrap: resample runs (pairs), log residuals, or draw seed noise (parametric); auto picks by "
         "point count, and uses seed noise when there are several seeds")
     sigma: float | None = option(None, "seed-to-seed noise of log loss for the parametric bootstrap (default: "
-                                       "measured from the seeds when there are several)")
+                                       "measured from the seeds when there are several)", above=0.0)
     params: Literal["total", "non_embedding"] = option("total", "which parameter count is the N of L(N)")
 
 

@@ -28,7 +28,8 @@ import yaml
 from dataeff.config import from_dict, option
 from dataeff.errors import DataeffError
 from dataeff.fsutil import atomic_path
-from dataeff.train.config import RunConfig, run_hash
+from dataeff.train.config import RunConfig
+from dataeff.train.identity import run_hash
 from dataeff.train.rundir import DONE, FAILED, status
 
 DB_NAME = "runs.sqlite"
@@ -303,7 +304,7 @@ class RunsConfig:
     csv: str | None = option(None, "write the selected runs, with every config and result key, to this CSV file")
     parquet: str | None = option(None, "write the selected runs, with every config and result key, to this Parquet file")
     columns: list[str] = option(
-        ["hash", "status", "preset", "params", "lr", "weight_decay", "epochs", "val_loss", "failure"],
+        ["run_dir", "status", "preset", "params", "lr", "weight_decay", "epochs", "val_loss", "failure"],
         "columns of the printed table (a failure column without failures is left out)",
     )
 
@@ -330,9 +331,11 @@ def _cell(column: str, value: Any) -> str:
     return text[:57] + "..." if column == "failure" and len(text) > 60 else text
 
 
-def format_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
+def format_table(rows: list[dict[str, Any]], columns: list[str], root: Path | None = None) -> str:
+    """The rows as an aligned text table; run directories are shown relative to ``root``."""
     columns = [c for c in columns if c != "failure" or any(r.get("failure") for r in rows)]
-    cells = [[_cell(c, r.get(c)) for c in columns] for r in rows]
+    shown = [{**r, "run_dir": str(Path(r["run_dir"]).relative_to(root))} if root and "run_dir" in r else r for r in rows]
+    cells = [[_cell(c, r.get(c)) for c in columns] for r in shown]
     header = [_HEADERS.get(c, c) for c in columns]
     widths = [max(len(x) for x in col) for col in zip(header, *cells, strict=True)]
     lines = ["  ".join(x.ljust(w) for x, w in zip(line, widths, strict=True)).rstrip() for line in [header, *cells]]
@@ -348,9 +351,13 @@ def runs_command(cfg: RunsConfig) -> str:
     where = parse_where(cfg.where)
     if cfg.status:
         where["status"] = cfg.status
-    store = RunStore(cfg.root)
+    root = Path(cfg.root)
+    if root.is_dir() and next(find_runs(root), None) is None:
+        # Nothing to index: an index file would only litter a directory that holds no runs.
+        return f"no run directories under {root}"
+    store = RunStore(root)
     rows = store.select(where, cfg.sort)
-    out = [format_table(rows, cfg.columns)]
+    out = [format_table(rows, cfg.columns, root)]
     if cfg.csv:
         out.append(f"csv: {store.to_csv(cfg.csv, where, cfg.sort)}")
     if cfg.parquet:

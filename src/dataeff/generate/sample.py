@@ -43,13 +43,14 @@ class SampleConfig:
                                            "(default: an ensemble.json's mode, else prob)")
     prompts: list[str] = option([""], "prompts; each starts a new document, and an empty one samples unconditionally")
     prompt_file: str | None = option(None, "read prompts from this file instead, one per line")
-    max_tokens: int = option(128, "new tokens per sample at most; with the prompt they must fit the model's context")
+    max_tokens: int | None = option(None, "new tokens per sample at most; with the prompt they must fit the model's "
+                                          "context (default: as many as fit after the longest prompt)")
     temperature: float = option(1.0, "softmax temperature; 0 is greedy decoding")
     top_k: int = option(0, "sample among the k most likely tokens only (0: all)")
     top_p: float = option(1.0, "sample among the most likely tokens holding this much probability (1: all)")
     num_samples: int = option(1, "samples per prompt")
     batch_size: int = option(16, "sequences decoded together")
-    seed: int = option(0, "sampling seed: the same seed and settings give the same samples")
+    seed: int = option(0, "sampling seed: the same seed and settings give the same samples", min=0)
     stop_at_eos: bool = option(True, "end a sample at the end-of-document token")
     dtype: Dtype = option("bf16", "bf16 (autocast) or fp32")
     device: str = option("auto", "auto, cpu, cuda or mps")
@@ -58,7 +59,7 @@ class SampleConfig:
     def __post_init__(self) -> None:
         _check_sampling("sample.", self.temperature, self.top_k, self.top_p)
         for name in ("max_tokens", "num_samples", "batch_size"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise DataeffError(f"sample.{name}: {getattr(self, name)} must be at least 1")
 
 
@@ -334,9 +335,16 @@ def sample(cfg: SampleConfig) -> list[dict[str, Any]]:
     tokenizer = Tokenizer.load(Path(source) / "tokenizer.json")
     prompts = [p for p in _prompts(cfg) for _ in range(cfg.num_samples)]
     eos = tokenizer.eos_id
+    encoded = [[eos, *tokenizer.encode(p)] for p in prompts]
+    max_new = cfg.max_tokens
+    if max_new is None:
+        longest = max(map(len, encoded))
+        max_new = model.seq_len - longest
+        if max_new < 1:
+            raise DataeffError(f"sample: a prompt of {longest} tokens fills the model's context of {model.seq_len}")
     outputs = generate(
-        model, [[eos, *tokenizer.encode(p)] for p in prompts],
-        max_new_tokens=cfg.max_tokens, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, eos_id=eos,
+        model, encoded,
+        max_new_tokens=max_new, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, eos_id=eos,
         stop_at_eos=cfg.stop_at_eos, generator=torch.Generator(device=device).manual_seed(cfg.seed),
         batch_size=cfg.batch_size, dtype=cfg.dtype,
     )

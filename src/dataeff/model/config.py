@@ -33,19 +33,19 @@ PRESETS: dict[str, tuple[int, int, int]] = {
 @dataclass
 class ModelConfig:
     preset: str | None = option(None, "named size (sets d_model, n_layers, n_heads): " + ", ".join(PRESETS))
-    d_model: int = option(128, "residual stream width")
-    n_layers: int = option(4, "transformer blocks")
-    n_heads: int = option(4, "attention heads")
-    n_kv_heads: int | None = option(None, "key/value heads for grouped-query attention (default: n_heads)")
-    d_ff: int | None = option(None, "SwiGLU hidden width (default: 8/3·d_model rounded up to a multiple of 32)")
-    seq_len: int = option(256, "context length in tokens")
-    vocab_size: int = option(0, "vocabulary size (0: taken from the tokenizer)")
+    d_model: int = option(128, "residual stream width", min=1)
+    n_layers: int = option(4, "transformer blocks", min=1)
+    n_heads: int = option(4, "attention heads", min=1)
+    n_kv_heads: int | None = option(None, "key/value heads for grouped-query attention (default: n_heads)", min=1)
+    d_ff: int | None = option(None, "SwiGLU hidden width (default: 8/3·d_model rounded up to a multiple of 32)", min=1)
+    seq_len: int = option(256, "context length in tokens", min=1)
+    vocab_size: int = option(0, "vocabulary size (0: taken from the tokenizer)", min=0, max=2**24)
     tie_embeddings: bool = option(True, "share the input embedding and output projection")
     qk_norm: bool = option(False, "RMSNorm on queries and keys per head")
-    dropout: float = option(0.0, "dropout on embeddings, attention weights and residual branches")
-    rope_theta: float = option(10000.0, "RoPE base frequency")
-    norm_eps: float = option(1e-5, "RMSNorm epsilon")
-    init_std: float = option(0.02, "standard deviation of weight initialisation")
+    dropout: float = option(0.0, "dropout on embeddings, attention weights and residual branches", min=0.0, below=1.0)
+    rope_theta: float = option(10000.0, "RoPE base frequency", above=0.0)
+    norm_eps: float = option(1e-5, "RMSNorm epsilon", above=0.0)
+    init_std: float = option(0.02, "standard deviation of weight initialisation", above=0.0)
 
     def resolved(self) -> ModelConfig:
         """The config with the preset applied and derived widths filled in."""

@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer
+from tokenizers import Tokenizer, processors
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -29,6 +29,7 @@ from transformers import (
 )
 
 from dataeff.config import from_dict
+from dataeff.data.tokenizer import Tokenizer as DataeffTokenizer
 from dataeff.errors import DataeffError
 from dataeff.model.config import ModelConfig
 from dataeff.model.transformer import Transformer
@@ -179,9 +180,17 @@ def _hf_tokenizer(tokenizer_json: str | Path, eos_token: str | None, cfg: ModelC
     size = tok.get_vocab_size(with_added_tokens=True)
     if size > cfg.vocab_size:
         raise DataeffError(f"{tokenizer_json}: {size} tokens do not fit the model's vocab_size={cfg.vocab_size}")
-    if eos_token is not None and tok.token_to_id(eos_token) is None:
+    if eos_token is None:
+        return PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=cfg.seq_len)
+    eos_id = tok.token_to_id(eos_token)
+    if eos_id is None:
         raise DataeffError(f"{tokenizer_json}: eos_token {eos_token!r} is not in the vocabulary")
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=eos_token, model_max_length=cfg.seq_len)
+    # A dataeff model saw every document after an end-of-document token; HF tokenizers add it in front as BOS, so
+    # transformers' generate conditions on a prompt exactly as `dataeff sample` does.
+    tok.post_processor = processors.TemplateProcessing(single=f"{eos_token} $A", pair=f"{eos_token} $A {eos_token} $B",
+                                                       special_tokens=[(eos_token, eos_id)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=eos_token, bos_token=eos_token,
+                                   model_max_length=cfg.seq_len)
 
 
 def save_hf(
@@ -202,7 +211,8 @@ def save_hf(
     if eos_token is not None and tokenizer_json is None:
         raise DataeffError(f"save_hf: eos_token {eos_token!r} needs tokenizer_json to look up its id")
     tokenizer = _hf_tokenizer(tokenizer_json, eos_token, model.cfg) if tokenizer_json is not None else None
-    hf = to_hf(model, eos_token_id=tokenizer.eos_token_id if tokenizer is not None else None)
+    eos_id = tokenizer.eos_token_id if tokenizer is not None else None
+    hf = to_hf(model, bos_token_id=eos_id, eos_token_id=eos_id)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
@@ -229,7 +239,9 @@ def save_hf(
 
 
 def export_run(run_dir: str | Path, out_dir: str | Path, eos_token: str | None = None) -> Path:
-    """Export a finished run's ``model.safetensors`` and ``tokenizer.json`` with :func:`save_hf`; return ``out_dir``."""
+    """Export a finished run's ``model.safetensors`` and ``tokenizer.json`` with :func:`save_hf`; return ``out_dir``.
+
+    ``eos_token`` defaults to the run's end-of-document token, which also becomes the exported BOS."""
     run = Path(run_dir)
     weights, tokenizer_json = run / "model.safetensors", run / "tokenizer.json"
     for required in (weights, tokenizer_json):
@@ -242,4 +254,4 @@ def export_run(run_dir: str | Path, out_dir: str | Path, eos_token: str | None =
         raise DataeffError(f"{weights}: metadata 'dataeff' holds no model config; it was not written by a run") from None
     model = Transformer(from_dict(ModelConfig, model_dict, source=f"{weights} metadata"), init_seed=None)
     assign_weights(model, tensors, weights)
-    return save_hf(model, out_dir, tokenizer_json, eos_token)
+    return save_hf(model, out_dir, tokenizer_json, eos_token or DataeffTokenizer.load(tokenizer_json).eos_token)

@@ -170,6 +170,11 @@ class Transformer(nn.Module):
                 p.copy_(init)
 
     @property
+    def seq_len(self) -> int:
+        """The context length (an ensemble has the same property: its members' shortest)."""
+        return self.cfg.seq_len
+
+    @property
     def output_weight(self) -> torch.Tensor:
         return self.embed.weight if self.lm_head is None else self.lm_head.weight
 

@@ -23,9 +23,14 @@ def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_weights(path: str | Path, model: torch.nn.Module, metadata: dict[str, Any] | None = None) -> None:
+    save_weights_tensors(path, model_state(model), metadata)
+
+
+def save_weights_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, Any] | None = None) -> None:
+    """Write named weights atomically, with ``metadata`` as JSON (what :func:`load_weights` returns)."""
     meta = {"dataeff": json.dumps(metadata or {})}
     with atomic_path(path) as tmp:
-        save_file(model_state(model), str(tmp), metadata=meta)
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
 
 
 def assign_weights(model: torch.nn.Module, tensors: dict[str, torch.Tensor], source: str | Path) -> None:

@@ -177,7 +177,7 @@ class NearDupConfig:
     threshold: float = option(0.8, "Jaccard similarity τ of word-shingle sets at or above which two texts are near duplicates")
     ngram: int = option(5, "shingle length in words")
     num_perm: int = option(128, "MinHash permutations (more = fewer missed pairs near τ, slower)")
-    seed: int = option(0, "seed of the MinHash permutations")
+    seed: int = option(0, "seed of the MinHash permutations", min=0)
     recall_weight: float = option(
         0.9,
         "weight of missed pairs against needless candidates when choosing the LSH banding; confirmation by true "

@@ -101,7 +101,7 @@ class QualityConfig:
     reference_field: str = option("text", "the text field of a .jsonl/.parquet reference")
     sample: int | None = option(10_000, "documents per corpus, drawn with the seed (all if fewer; null = all); "
                                         "duplicates are counted within this sample")
-    seed: int = option(0, "seed of the document sample")
+    seed: int = option(0, "seed of the document sample", min=0)
     repetition: RepetitionConfig = section(RepetitionConfig, "repetition: sampling loops")
     dedup: NearDupConfig = section(NearDupConfig, "duplicates: near-duplicate detection")
     copying: CopyingConfig = section(CopyingConfig, "pair-copying: a long span shared with the seed")

@@ -27,6 +27,18 @@ class DistInfo:
     def distributed(self) -> bool:
         return self.world_size > 1
 
+    @classmethod
+    def single(cls, device: torch.device) -> DistInfo:
+        """One process alone on ``device``."""
+        return cls(0, 1, 0, device)
+
+
+def memory_bytes(device: torch.device) -> int:
+    """The memory a model on ``device`` can use: the GPU's, or the machine's physical memory."""
+    if device.type == "cuda":
+        return int(torch.cuda.get_device_properties(device).total_memory)
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
 
 def pick_device(requested: str, local_rank: int = 0) -> torch.device:
     if requested == "auto":

@@ -9,10 +9,10 @@ be tokenized with the source's tokenizer, or token ids would mean other words.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
+from dataeff.data.corpora import file_sha256
 from dataeff.data.tokenizer import Tokenizer
 from dataeff.errors import DataeffError
 from dataeff.model.config import ModelConfig
@@ -47,15 +47,9 @@ def resolve(init_from: str) -> Source:
 
 
 def fingerprint(source: Source) -> dict[str, str]:
-    """sha256 of each weight file the run starts from, for its manifest."""
-    out = {}
-    for path in source.weights:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 24), b""):
-                h.update(block)
-        out[path.name] = h.hexdigest()
-    return out
+    """sha256 of each weight file the run starts from: part of the run's identity, so other weights at the same
+    path make another run."""
+    return {path.name: file_sha256(path) for path in source.weights}
 
 
 def _shape(cfg: ModelConfig, source: ModelConfig, where: str) -> ModelConfig:

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import math
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,19 +23,21 @@ import torch
 import torch.distributed as tdist
 from tqdm.auto import tqdm
 
-from dataeff.config import dump_yaml, from_dict, read_yaml, to_dict
+from dataeff.config import dump_yaml, to_dict
 from dataeff.data.order import EpochOrder
 from dataeff.data.tokens import PreparedData, TokenSplit, prepare, training_stream
 from dataeff.errors import DataeffError
 from dataeff.fsutil import atomic_write_json
-from dataeff.model.config import count_parameters, flops_per_token
+from dataeff.model.config import ModelConfig, count_parameters, flops_per_token
 from dataeff.model.transformer import Transformer
+from dataeff.model.weights import save_weights_tensors
 from dataeff.train import averaging, dist, init
 from dataeff.train import checkpoint as ckpt
-from dataeff.train.config import RunConfig, default_run_dir, run_hash, run_identity
+from dataeff.train.config import RunConfig
 from dataeff.train.distill import Teacher, make_teacher
+from dataeff.train.identity import default_run_dir, difference, recorded_identity, run_hash, run_identity
 from dataeff.train.optim import build_optimizers, lr_multiplier
-from dataeff.train.rundir import MetricsLog, manifest, mark_done, mark_failed, read_result, status
+from dataeff.train.rundir import MetricsLog, manifest, mark_done, mark_failed, read_result, run_lock, status
 
 
 @dataclass(frozen=True)
@@ -49,6 +53,7 @@ class Plan:
     total_steps: int
     eval_every: int
     checkpoint_every: int
+    epochs: float  # the epochs the steps actually cover (the requested ones, to the nearest whole step)
 
 
 def make_plan(cfg: RunConfig, order: EpochOrder, world_size: int) -> Plan:
@@ -56,6 +61,10 @@ def make_plan(cfg: RunConfig, order: EpochOrder, world_size: int) -> Plan:
     seq_len = order.seq_len
     if t.batch_tokens < seq_len:
         raise DataeffError(f"train.batch_tokens={t.batch_tokens} is smaller than one sequence (model.seq_len={seq_len})")
+    if t.batch_tokens % seq_len:
+        lower = t.batch_tokens // seq_len * seq_len
+        raise DataeffError(f"train.batch_tokens={t.batch_tokens} is not a multiple of model.seq_len={seq_len}: "
+                           f"use {lower} or {lower + seq_len}")
     batch_seqs = t.batch_tokens // seq_len
     if batch_seqs % world_size:
         raise DataeffError(f"train.batch_tokens gives {batch_seqs} sequences, not divisible by {world_size} processes")
@@ -65,10 +74,16 @@ def make_plan(cfg: RunConfig, order: EpochOrder, world_size: int) -> Plan:
         raise DataeffError(f"train.micro_batch_size={micro} does not divide the {per_rank} sequences per process")
     if t.epochs <= 0:
         raise DataeffError(f"train.epochs={t.epochs} must be positive")
-    total = max(1, round(t.epochs * order.n / batch_seqs))
+    total = round(t.epochs * order.n / batch_seqs)
+    if total < 1:
+        # One step would already see more than the requested epochs: training it would misreport them.
+        most = int(t.epochs * order.n) * seq_len
+        raise DataeffError(f"train.batch_tokens={t.batch_tokens} is one step of {batch_seqs / order.n:.3g} epochs, more "
+                           f"than train.epochs={t.epochs:g} of the {order.n} training sequences; lower it to at most "
+                           f"{max(most, seq_len)} or raise train.epochs")
     eval_every = t.eval_every or max(1, total // 10)
     return Plan(seq_len, batch_seqs, per_rank, micro, per_rank // micro, order.n, total, eval_every,
-                t.checkpoint_every or eval_every)
+                t.checkpoint_every or eval_every, epochs=total * batch_seqs / order.n)
 
 
 def _prepare_on_rank0(cfg: RunConfig, info: dist.DistInfo) -> PreparedData:
@@ -82,12 +97,13 @@ def _prepare_on_rank0(cfg: RunConfig, info: dist.DistInfo) -> PreparedData:
 
 
 def _check_run_dir(run_dir: Path, cfg: RunConfig) -> None:
-    existing = run_dir / "config.yaml"
-    if existing.exists():
-        data, _ = read_yaml(existing)
-        old = from_dict(RunConfig, data, source=str(existing))
-        if run_identity(old) != run_identity(cfg):
-            raise DataeffError(f"{run_dir}: holds a run with a different config; choose another run_dir")
+    """Refuse a directory that holds a run of another config or of other data, finished or not."""
+    recorded = recorded_identity(run_dir)
+    if recorded is not None and recorded != run_identity(cfg):
+        changed = difference(recorded, run_identity(cfg))
+        state = "finished run" if status(run_dir) == "done" else "run"
+        raise DataeffError(f"{run_dir}: holds a {state} of a different config ({'; '.join(changed)}); choose another "
+                           "run_dir, or delete that one to retrain")
 
 
 def _reseed(seed: int, rank: int, step: int) -> None:
@@ -97,16 +113,38 @@ def _reseed(seed: int, rank: int, step: int) -> None:
 
 
 def train(cfg: RunConfig) -> dict[str, Any]:
-    """Train (or resume, or return the result of) the run ``cfg`` describes. Returns its final metrics."""
+    """Train (or resume, or return the result of) the run ``cfg`` describes. Returns its final metrics.
+
+    The run directory is locked while a process works in it: a second process on it waits, then finds the run
+    finished (or refuses it, if it holds another config's run).
+    """
     run_dir = default_run_dir(cfg)
     cfg = dataclasses.replace(cfg, run_dir=str(run_dir))
-    if status(run_dir) == "done":
-        return read_result(run_dir)
     info = dist.setup(cfg.train.device)
     try:
-        return _train(cfg, run_dir, info)
+        with run_lock(run_dir) if info.is_main else contextlib.nullcontext():
+            dist.barrier(info)
+            _check_run_dir(run_dir, cfg)
+            if status(run_dir) == "done":
+                return _finished(run_dir) if info.is_main else read_result(run_dir)
+            return _train(cfg, run_dir, info)
     finally:
         dist.teardown(info)
+
+
+def _finished(run_dir: Path) -> dict[str, Any]:
+    """A finished run's result; its final weights are restored from its last checkpoint if they were deleted."""
+    weights = run_dir / "model.safetensors"
+    if not weights.exists():
+        found = ckpt.list_checkpoints(run_dir / "checkpoints")
+        if not found:
+            raise DataeffError(f"{run_dir}: marked DONE, but its weights and checkpoints are gone; delete its DONE "
+                               "file to train it again")
+        tensors, _ = ckpt.read_safetensors(found[-1][1], prefix="model.")
+        save_weights_tensors(weights, {k.removeprefix("model."): v for k, v in tensors.items()},
+                             {"model": json.loads((run_dir / "manifest.json").read_text())["model"]})
+        print(f"dataeff: {run_dir}: restored model.safetensors from {found[-1][1].name}", file=sys.stderr)
+    return read_result(run_dir)
 
 
 def train_job(cfg: RunConfig, out_dir: Path) -> dict[str, Any]:
@@ -147,6 +185,35 @@ def _data(cfg: RunConfig, info: dist.DistInfo) -> _Data:
     return _Data(prepared, prepared.split("train"), prepared.split("val"), order, make_plan(cfg, order, info.world_size))
 
 
+def check_run(cfg: RunConfig) -> Plan:
+    """Everything the run would refuse, found before anything trains or is written to its directory: its data
+    (the store is prepared), the step plan, the averaging steps, where its weights start, and whether the model
+    fits in memory. Returns the plan."""
+    data = _data(cfg, dist.DistInfo.single(dist.pick_device(cfg.train.device)))
+    _validate(cfg, data)
+    return data.plan
+
+
+def _validate(cfg: RunConfig, data: _Data) -> None:
+    t = cfg.train
+    averaging.snapshot_steps(data.plan.total_steps, t.snapshots, t.snapshot_fraction)
+    if not 0.0 <= t.ema < 1.0:
+        raise DataeffError(f"train.ema={t.ema} must be in [0, 1): a decay per optimizer step such as 0.999 (0: off)")
+    source = init.resolve(t.init_from)
+    if source.kind == "scratch":
+        _check_memory(dataclasses.replace(cfg.model, vocab_size=data.prepared.tokenizer.vocab_size), t.device)
+
+
+def _check_memory(model_cfg: ModelConfig, device: str) -> None:
+    # fp32 weights, gradients and two AdamW moments: 16 bytes a parameter before any activation.
+    params = count_parameters(model_cfg)["total"]
+    need = 16 * params
+    have = dist.memory_bytes(dist.pick_device(device))
+    if need > have:
+        raise DataeffError(f"model: {params:.3g} parameters need {need / 2**30:.3g} GiB for weights, gradients and "
+                           f"optimizer state; this device has {have / 2**30:.3g} GiB (make the model smaller)")
+
+
 def _write_manifest(cfg: RunConfig, run_dir: Path, data: _Data, model: Transformer, info: dist.DistInfo) -> None:
     t = cfg.train
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -157,6 +224,7 @@ def _write_manifest(cfg: RunConfig, run_dir: Path, data: _Data, model: Transform
         "seeds": {"init_seed": t.init_seed, "data_seed": t.data_seed, "budget_seed": cfg.data.budget_seed,
                   "split_seed": cfg.data.split_seed},
         "config_hash": run_hash(cfg),
+        "identity": run_identity(cfg),
         "world_size": info.world_size,
         "device": str(info.device),
         "data_store": str(data.prepared.path),
@@ -189,25 +257,33 @@ def _objective(cfg: RunConfig, run_dir: Path, data: _Data, info: dist.DistInfo) 
 
 def _resume(ckpt_dir: Path, model: Transformer, optimizers: list[torch.optim.Optimizer],
             averager: averaging.RunAveraging, log: MetricsLog, cfg: RunConfig, info: dist.DistInfo) -> int:
-    """The step to continue from: the newest checkpoint's (model, optimizers, EMA and RNG restored), else 0."""
+    """The step to continue from: the newest checkpoint that loads (model, optimizers, EMA and RNG restored),
+    else 0. A checkpoint that does not load is moved aside, not deleted, and the one before it is used."""
     _reseed(cfg.train.data_seed, info.rank, 0)
-    found = ckpt.list_checkpoints(ckpt_dir)
-    if not found:
-        return 0
-    start_step, _ = ckpt.load_checkpoint(found[-1][1], model, optimizers)
-    averager.load(found[-1][1])
-    _reseed(cfg.train.data_seed, info.rank, start_step)
-    if info.is_main:
-        log.rewind(start_step)
-    return start_step
+    for _, path in reversed(ckpt.list_checkpoints(ckpt_dir)):
+        try:
+            start_step, _ = ckpt.load_checkpoint(path, model, optimizers)
+            averager.load(path)
+        except DataeffError as e:
+            if info.is_main:
+                aside = path.with_name(path.name + ".corrupt")
+                path.replace(aside)
+                print(f"dataeff: {e}; moved it to {aside.name} and resuming from the checkpoint before it",
+                      file=sys.stderr, flush=True)
+            continue
+        _reseed(cfg.train.data_seed, info.rank, start_step)
+        if info.is_main:
+            log.rewind(start_step)
+        return start_step
+    return 0
 
 
 def _train(cfg: RunConfig, run_dir: Path, info: dist.DistInfo) -> dict[str, Any]:
     t, device = cfg.train, info.device
     if t.threads:
         torch.set_num_threads(t.threads)
-    _check_run_dir(run_dir, cfg)
     data = _data(cfg, info)
+    _validate(cfg, data)
     model = init.initial_model(cfg, data.prepared.tokenizer).to(device)
     optimizers = build_optimizers(model, cfg.optim)
     averager = averaging.RunAveraging(t, model, run_dir, data.plan.total_steps, metadata={"model": to_dict(model.cfg)},
@@ -307,36 +383,52 @@ def _loop(cfg: RunConfig, run_dir: Path, data: _Data, model: Transformer, optimi
 
 def _finish(cfg: RunConfig, run_dir: Path, data: _Data, model: Transformer, optimizers: list[torch.optim.Optimizer],
             averager: averaging.RunAveraging, log: MetricsLog, last_loss: float, info: dist.DistInfo) -> dict[str, Any]:
-    """The final evaluation, checkpoint and weights, the averaged models, and DONE; the result on every rank."""
+    """The final checkpoint, evaluation and weights, the averaged models, and DONE; the result on every rank.
+
+    The final checkpoint comes first, so a failure after it leaves a run that resumes with no step to retrain;
+    the failure is written as FAILED with its reason.
+    """
     t, plan = cfg.train, data.plan
     ckpt_dir = run_dir / "checkpoints"
     result: dict[str, Any] = {}
     if info.is_main:
-        final = data.heldout(t, t.final_eval_tokens).score(model).to_dict("val_")
-        log.write({"step": plan.total_steps, **final})
-        ckpt.save_checkpoint(ckpt.checkpoint_path(ckpt_dir, plan.total_steps), model, optimizers, plan.total_steps,
-                             extra_tensors=averager.state())
-        ckpt.prune_checkpoints(ckpt_dir, t.keep_checkpoints)
-        ckpt.save_weights(run_dir / "model.safetensors", model, {"model": to_dict(model.cfg)})
-        tokens_per_step = plan.batch_seqs * plan.seq_len
-        params = count_parameters(model.cfg)
-        result = {
-            **final,
-            "train_loss": last_loss,
-            "steps": plan.total_steps,
-            "epochs": t.epochs,
-            "tokens_seen": plan.total_steps * tokens_per_step,
-            "train_tokens": data.train.n_tokens,
-            "synthetic_tokens": len(data.order.tokens) - data.train.n_tokens,
-            "params": params["total"],
-            "non_embedding_params": params["non_embedding"],
-            "flops": flops_per_token(model.cfg) * plan.total_steps * tokens_per_step,
-            "unigram_entropy": data.prepared.meta.get("unigram_entropy"),
-        }
-        result |= averager.finish(data.heldout(t, t.final_eval_tokens))
-        mark_done(run_dir, result)
+        try:
+            final_ckpt = ckpt.checkpoint_path(ckpt_dir, plan.total_steps)
+            if not final_ckpt.exists():
+                ckpt.save_checkpoint(final_ckpt, model, optimizers, plan.total_steps, extra_tensors=averager.state())
+                ckpt.prune_checkpoints(ckpt_dir, t.keep_checkpoints)
+            final = data.heldout(t, t.final_eval_tokens).score(model).to_dict("val_")
+            log.drop_evaluation(plan.total_steps)  # a finish that failed before may have logged it already
+            log.write({"step": plan.total_steps, **final})
+            ckpt.save_weights(run_dir / "model.safetensors", model, {"model": to_dict(model.cfg)})
+            result = _result(cfg, data, model, final, last_loss)
+            result |= averager.finish(data.heldout(t, t.final_eval_tokens))
+            mark_done(run_dir, result)
+        except Exception as e:
+            mark_failed(run_dir, f"after the last step: {e}", step=plan.total_steps)
+            raise
     if info.distributed:
         box = [result]
         tdist.broadcast_object_list(box, src=0)
         result = box[0]
     return result
+
+
+def _result(cfg: RunConfig, data: _Data, model: Transformer, final: dict[str, float], last_loss: float) -> dict[str, Any]:
+    plan = data.plan
+    tokens_per_step = plan.batch_seqs * plan.seq_len
+    params = count_parameters(model.cfg)
+    return {
+        **final,
+        "train_loss": last_loss,
+        "steps": plan.total_steps,
+        "epochs": plan.epochs,
+        "epochs_requested": cfg.train.epochs,
+        "tokens_seen": plan.total_steps * tokens_per_step,
+        "train_tokens": data.train.n_tokens,
+        "synthetic_tokens": len(data.order.tokens) - data.train.n_tokens,
+        "params": params["total"],
+        "non_embedding_params": params["non_embedding"],
+        "flops": flops_per_token(model.cfg) * plan.total_steps * tokens_per_step,
+        "unigram_entropy": data.prepared.meta.get("unigram_entropy"),
+    }

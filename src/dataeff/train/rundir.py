@@ -7,17 +7,20 @@
 - ``model.safetensors`` + ``tokenizer.json``: the final weights and the tokenizer that reads them,
 - with ``train.ema`` / ``train.snapshots``: ``model_ema.safetensors``, ``snapshots/step_*.safetensors`` and
   ``model_swa.safetensors`` (their average), see :mod:`dataeff.averaging`,
-- ``DONE`` (final metrics) on success or ``FAILED`` (the reason) on failure; neither while incomplete.
+- ``DONE`` (final metrics) on success or ``FAILED`` (the reason) on failure; neither while incomplete,
+- ``.lock``: locked (an OS file lock) while a process works in the directory.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import platform
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +31,7 @@ import dataeff
 from dataeff.config import from_dict, read_yaml
 from dataeff.data.tokens import PreparedData, load_prepared, prepare
 from dataeff.errors import DataeffError
-from dataeff.fsutil import atomic_write_json, atomic_write_text, read_jsonl
+from dataeff.fsutil import atomic_write_json, atomic_write_text, exclusive_lock, read_jsonl
 from dataeff.model.config import ModelConfig
 from dataeff.model.transformer import Transformer
 from dataeff.train import checkpoint as ckpt
@@ -37,6 +40,7 @@ from dataeff.train.dist import pick_device
 
 DONE = "DONE"
 FAILED = "FAILED"
+LOCK = ".lock"
 
 
 def git_sha() -> str | None:
@@ -104,6 +108,11 @@ def mark_failed(run_dir: str | Path, reason: str, **details: Any) -> None:
     atomic_write_json(Path(run_dir) / FAILED, {"reason": reason, **details})
 
 
+def run_lock(run_dir: str | Path) -> contextlib.AbstractContextManager[None]:
+    """The directory's exclusive lock, held while a process works in it (see :func:`dataeff.fsutil.exclusive_lock`)."""
+    return exclusive_lock(Path(run_dir) / LOCK, str(run_dir))
+
+
 class MetricsLog:
     """Append-only ``metrics.jsonl``; on resume, rows after the checkpoint's step are dropped."""
 
@@ -111,8 +120,17 @@ class MetricsLog:
         self.path = Path(path)
 
     def rewind(self, step: int) -> None:
-        rows = [r for r in read_jsonl(self.path) if r.get("step", 0) <= step]
-        atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in rows))
+        self._keep(lambda r: r.get("step", 0) <= step)
+
+    def drop_evaluation(self, step: int) -> None:
+        """Remove held-out rows logged at ``step`` (before they are logged again)."""
+        self._keep(lambda r: not (r.get("step") == step and "val_loss" in r))
+
+    def _keep(self, keep: Callable[[dict[str, Any]], bool]) -> None:
+        rows = read_jsonl(self.path)
+        kept = [r for r in rows if keep(r)]
+        if len(kept) != len(rows):
+            atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
 
     def write(self, row: dict[str, Any]) -> None:
         with open(self.path, "a", encoding="utf-8") as f:

@@ -39,19 +39,19 @@ _PAPER_RETAINED = 0.83  # Kim et al.: an 8x smaller distilled student keeps 83% 
 class DistillStageConfig:
     size: str | None = option(None, "student (and teacher member) size (default: none, no distillation stage)")
     synthetic_share: float = option(0.75, "sequence-level student: share of its tokens sampled from the ensemble "
-                                          "(0: no sequence-level student)")
+                                          "(0: no sequence-level student)", min=0.0, below=1.0)
     sequence_overrides: dict[str, Any] = option({"optim.weight_decay": 0.1},
                                                 "knob values of the sequence-level student (the paper: WD 0.1)")
-    sample_tokens: int = option(256, "tokens per sampled document at most (capped at the teacher's context)")
-    sample_temperature: float = option(1.0, "sampling temperature of the synthetic corpus")
-    sample_batch: int = option(64, "documents sampled together")
-    sample_seed: int = option(0, "sampling seed")
-    kl_weight: float = option(0.5, "token-level and chain students: α of (1-α)·CE + α·T²·KL (0: none)")
-    temperature: float = option(1.0, "token-level and chain students: KL temperature")
+    sample_tokens: int = option(256, "tokens per sampled document at most (capped at the teacher's context)", min=1)
+    sample_temperature: float = option(1.0, "sampling temperature of the synthetic corpus", min=0.0)
+    sample_batch: int = option(64, "documents sampled together", min=1)
+    sample_seed: int = option(0, "sampling seed", min=0)
+    kl_weight: float = option(0.5, "token-level and chain students: α of (1-α)·CE + α·T²·KL (0: none)", min=0.0, max=1.0)
+    temperature: float = option(1.0, "token-level and chain students: KL temperature", above=0.0)
     teacher_cache: Literal["online", "topk"] = option("topk", "teacher log-probs online or from a top-k cache")
-    top_k: int = option(64, "top-k cache: teacher log-probs kept per position")
+    top_k: int = option(64, "top-k cache: teacher log-probs kept per position", min=1)
     chain: int = option(2, "self-distillation chain length: link 1 distils one member, each next link its "
-                           "predecessor (0: none)")
+                           "predecessor (0: none)", min=0)
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.synthetic_share < 1.0:

@@ -20,7 +20,7 @@ from dataeff.report.blocks import MISSING, Block, Cell, Heading, Para, Table, fi
 class DownstreamStageConfig:
     tasks: list[str] = option([], "downstream tasks for the single model, the ensemble and the students (default: "
                                   "none)")
-    limit: int | None = option(500, "items per task at most (a seeded random subset)")
+    limit: int | None = option(500, "items per task at most (a seeded random subset)", min=1)
     size: str | None = option(None, "the size scored (default: the distillation size, else the largest)")
 
 

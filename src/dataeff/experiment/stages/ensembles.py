@@ -42,7 +42,7 @@ from dataeff.report.blocks import (
     sig,
 )
 from dataeff.report.plots import band, colors, curve, new_figure, png, set_ylim, shown_path
-from dataeff.train.config import run_hash
+from dataeff.train.identity import run_hash
 
 _COMBINE = {"prob": "probability averaging", "logit": "logit averaging"}
 _VARY = {"both": "initialisation and data order", "init": "initialisation only", "data": "data order only"}
@@ -53,21 +53,21 @@ _JOINT_COLOR = "darkmagenta"
 @dataclass
 class EnsembleStageConfig:
     members: int = option(0, "K_max: members trained per size; prefix ensembles K = 1..K_max are scored and fitted "
-                             "(0: no ensemble stage)")
+                             "(0: no ensemble stage)", min=0)
     sizes: list[str] = option([], "sizes with ensembles (default: all; the joint limit needs at least 3)")
     recipe: str = option("regularized", "the recipe whose tuned single model the members' hyperparameters start from")
     rule: Literal["paper", "tuned", "explicit"] = option(
         "paper", "member hyperparameters: paper (epochs × epochs_factor, weight decay × weight_decay_factor, same "
         "LR), tuned (the single model's), or explicit (overrides only)")
-    epochs_factor: float = option(2.0, "paper rule: members train this many times the tuned epochs")
-    weight_decay_factor: float = option(0.5, "paper rule: members use this fraction of the tuned weight decay")
+    epochs_factor: float = option(2.0, "paper rule: members train this many times the tuned epochs", above=0.0)
+    weight_decay_factor: float = option(0.5, "paper rule: members use this fraction of the tuned weight decay", min=0.0)
     overrides: dict[str, Any] = option({}, "knob values applied to every member after the rule")
     vary: Literal["both", "init", "data"] = option(
         "both", "what differs between members: both seeds, only the initialisation, or only the data order")
     combine: Literal["prob", "logit"] = option("prob", "the combination the K-laws and the joint limit are fitted on")
     fitness_tokens: int = option(
         16384, "held-out training-pool tokens (outside the budget, disjoint from validation) on which member "
-               "weights are learned (0: no weighted ensemble)")
+               "weights are learned (0: no weighted ensemble)", min=0)
 
 
 @dataclass

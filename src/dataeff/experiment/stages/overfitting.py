@@ -26,7 +26,7 @@ class OverfittingConfig:
     size: str | None = option(None, "model size of the loss-vs-epochs figure (default: none, no extra runs)")
     weight_decays: list[float] = option([0.1, 0.8, 3.2], "weight decays, one curve each")
     epochs: list[float] = option([1, 2, 4, 8, 16, 32], "epochs along each curve")
-    lr: float | None = option(None, "learning rate (default: the regularized recipe's tuned LR at that size)")
+    lr: float | None = option(None, "learning rate (default: the regularized recipe's tuned LR at that size)", min=0.0)
 
 
 @dataclass

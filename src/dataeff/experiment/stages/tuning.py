@@ -56,7 +56,7 @@ from dataeff.report.blocks import (
     sig,
 )
 from dataeff.report.plots import band, colors, curve, locate, new_figure, png, set_ylim
-from dataeff.train.config import run_hash
+from dataeff.train.identity import run_hash
 
 
 @dataclass
