@@ -41,6 +41,22 @@ def test_paths_follow_the_bfs_queue():
     assert DIAMOND.depth[4].tolist() == [-1, -1, -1, -1, 0]
 
 
+def test_bfs_trees_are_shortest_path_trees():
+    from scipy.sparse import csr_matrix
+    from scipy.sparse.csgraph import shortest_path
+
+    rng = np.random.default_rng(4)
+    for lam in (1.2, 3.0):
+        g = th.random_graph(80, lam, rng)
+        adj = csr_matrix((np.ones(len(g.edges)), (g.edges[:, 0], g.edges[:, 1])), shape=(80, 80))
+        dist = shortest_path(adj, unweighted=True)
+        assert np.array_equal(np.where(np.isfinite(dist), dist, -1), g.depth)
+        x, v = np.nonzero(g.depth >= 1)
+        parent = g.pred[x, v]
+        assert np.array_equal(g.depth[x, parent], g.depth[x, v] - 1)
+        assert np.all(np.asarray(adj[parent, v]).ravel() == 1)
+
+
 def test_step_additions_on_hand_built_graphs():
     assert th.step_pairs(CHAIN, 0, 3, "source") == [(0, 1), (0, 2), (0, 3)]
     assert sorted(th.step_pairs(CHAIN, 0, 3, "path")) == [(0, 1), (0, 2), (0, 3), (1, 2), (1, 3), (2, 3)]

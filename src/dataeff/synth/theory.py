@@ -208,8 +208,9 @@ def _by_depth(depth: np.ndarray) -> list[np.ndarray]:
     """Flat indices of the (root, vertex) pairs at each depth (index d holds depth d)."""
     flat = depth.ravel()
     order = np.argsort(flat, kind="stable")  # radix sort on int16
-    counts = np.bincount(flat[order][flat[order] >= 0], minlength=1)
-    start = int(np.searchsorted(flat[order], 0))
+    ranked = flat[order]
+    counts = np.bincount(ranked[ranked >= 0], minlength=1)
+    start = int(np.searchsorted(ranked, 0))
     edges = start + np.concatenate([[0], np.cumsum(counts)])
     return [order[edges[d] : edges[d + 1]] for d in range(len(counts))]
 
