@@ -155,6 +155,25 @@ def _sample_config() -> type:
     return SampleConfig
 
 
+def _theory(cfg: Any) -> None:
+    from dataeff.synth.theory import run_theory
+
+    result = run_theory(cfg)
+    closed = result.closed
+    print(json.dumps({
+        "json": str(result.json_path), "png": str(result.png_path),
+        "plateau": closed.p + closed.C, "C_lambda": closed.C_lambda,
+        "simulated_final": float(result.simulation.mean[-1]),
+        "agreement": None if result.agreement is None else vars(result.agreement),
+    }, indent=2))
+
+
+def _theory_config() -> type:
+    from dataeff.synth.theory import TheoryConfig
+
+    return TheoryConfig
+
+
 COMMANDS = [
     Command("prepare", "tokenize a corpus into a content-addressed token store", _run_config, _prepare),
     Command("train", "train a model on a fixed token budget (resumes if interrupted)", _run_config, _train),
@@ -172,6 +191,8 @@ COMMANDS = [
     Command("quality", "quality metrics of synthetic corpora (repetition, duplicates, reference copies, pair copying "
             "and irrelevance, source overlap, non-factual) beside a real reference row; writes quality.json",
             _quality_config, _quality, "synthetic"),
+    Command("theory", "simulate EntiGraph's random-graph model of knowledge and compare it with the "
+            "mixture-of-exponentials closed form", _theory_config, _theory),
 ]
 
 
