@@ -140,6 +140,30 @@ def _sample_config() -> type:
     return SampleConfig
 
 
+def _serve(cfg: Any) -> None:
+    from dataeff.generate.serve import serve
+
+    serve(cfg)
+
+
+def _serve_config() -> type:
+    from dataeff.generate.serve import ServeConfig
+
+    return ServeConfig
+
+
+def _llm(cfg: Any) -> None:
+    from dataeff.generate.llm.command import llm_command
+
+    llm_command(cfg)
+
+
+def _llm_config() -> type:
+    from dataeff.generate.llm.config import LLMJobConfig
+
+    return LLMJobConfig
+
+
 COMMANDS = [
     Command("prepare", "tokenize a corpus into a content-addressed token store", _run_config, _prepare),
     Command("train", "train a model on a fixed token budget (resumes if interrupted)", _run_config, _train),
@@ -154,6 +178,10 @@ COMMANDS = [
             _tasks_config, _tasks, "run_dir"),
     Command("sample", "generate text from a run or an ensemble (e.g. for sequence-level distillation)",
             _sample_config, _sample, "run_dir"),
+    Command("serve", "an OpenAI-compatible HTTP server for a run, an ensemble, a Hugging Face model or the test model",
+            _serve_config, _serve, "model"),
+    Command("llm", "send a JSONL file of chat requests through the generation client (cached, resumable, budgeted)",
+            _llm_config, _llm, "requests"),
 ]
 
 
