@@ -14,7 +14,7 @@ not the JSON asked for). A prompt holding ``[json]`` is answered with a JSON obj
 With ``rpm`` set, the server enforces a request bucket of ``burst`` requests refilled at ``rpm``/min, sends
 OpenAI's ``x-ratelimit-*`` headers on every answer, and answers 429 when the bucket is empty (counted in
 ``rejected``). It also fakes the Batch API (files, batches, file content) for batch mode, finishing a batch
-after ``batch_polls`` retrievals. ``counts`` holds the chat requests received per prompt, ``log`` their order.
+after ``batch_polls`` retrievals. ``counts`` holds the chat requests received per prompt, ``log`` their order, ``bodies`` them.
 """
 
 from __future__ import annotations
@@ -83,6 +83,7 @@ class FaultServer(ThreadServer):
         self.polls: Counter[str] = Counter()
         self.calls: Counter[str] = Counter()
         self.auth: set[str] = set()
+        self.bodies: dict[str, list[dict[str, Any]]] = {}
         super().__init__(self._build())
 
     # -- answers
@@ -132,6 +133,7 @@ class FaultServer(ThreadServer):
             self.counts[prompt] += 1
             self.log.append(prompt)
             self.times.setdefault(prompt, []).append(time.monotonic())
+            self.bodies.setdefault(prompt, []).append(body)
             n = self.counts[prompt]
             ok, headers = self._limit()
             if not ok:

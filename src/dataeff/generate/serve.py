@@ -295,12 +295,14 @@ def build_app(cfg: ServeConfig, engine: Engine | None = None) -> FastAPI:
 
 
 def bind(host: str, port: int) -> socket.socket:
-    """A listening socket; port 0 picks a free one."""
+    """A bound, listening socket; port 0 picks a free one."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
+        # Listening before uvicorn starts: a client that read the printed URL is queued, not refused.
+        sock.listen(2048)
     except OSError as e:
         sock.close()
         raise DataeffError(f"serve: cannot listen on {host}:{port} ({e.strerror})") from None

@@ -147,13 +147,13 @@ class HFModel(LocalModel):
             raise DataeffError(f"{path}: not a loadable Hugging Face causal LM ({first})") from None
         self.device = pick_device(device)
         self.model = self.model.to(self.device).eval()
-        self.tokenizer.padding_side = "left"
-        if self.tokenizer.pad_token is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
         eos = self.model.generation_config.eos_token_id
         if eos is None:
             eos = self.tokenizer.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
+        # Padding sits under a zero attention mask, so any id will do where the tokenizer names none.
+        pad = self.tokenizer.pad_token_id
+        self.pad = pad if pad is not None else min(self.eos_ids, default=0)
         self.context = int(getattr(self.model.config, "max_position_embeddings", 0) or self.tokenizer.model_max_length)
         self.name = path.name
         self.fingerprint = _fingerprint(sorted(p for p in path.iterdir() if p.suffix in (".safetensors", ".bin", ".json")))
@@ -174,7 +174,7 @@ class HFModel(LocalModel):
     def generate_ids(self, prompts: list[list[int]], params: GenParams) -> list[tuple[list[int], bool]]:
         if params.seed is not None:
             torch.manual_seed(params.seed)
-        pad = self.tokenizer.pad_token_id
+        pad = self.pad
         width = max(len(p) for p in prompts)
         ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=self.device)
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=self.device)
@@ -196,6 +196,8 @@ def load_local(path: str, device: str = "auto", dtype: str = "bf16", batch_size:
     p = Path(path)
     if not path:
         raise DataeffError("llm.model: set the local model's path (a run directory, ensemble.json or HF model directory)")
+    if p.is_dir() and (p / "ensemble.json").is_file():
+        p = p / "ensemble.json"
     if p.is_file() and p.suffix == ".json":
         return DataeffModel(p, device, dtype, batch_size)
     if p.is_dir() and (p / "manifest.json").is_file():
