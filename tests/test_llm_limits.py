@@ -15,7 +15,7 @@ from dataeff.generate.llm.limits import RateLimiter, parse_duration
 from dataeff.generate.llm.retry import classify, retry_after, retrying
 
 # The HTTP library the installed SDK is built on (httpx, or httpx2 in newer releases).
-httpx = importlib.import_module(openai.Timeout.__module__.split(".")[0])
+httpx = importlib.import_module(openai.DefaultAsyncHttpxClient.__mro__[-2].__module__.split(".")[0])
 
 
 @pytest.mark.parametrize(("text", "seconds"), [("1s", 1.0), ("6m0s", 360.0), ("20ms", 0.02), ("1h2m3.5s", 3723.5),
