@@ -5,7 +5,7 @@ deterministic text, ``usage`` (prompt tokens = words in the messages, completion
 Faults are scripted by the request's *first* user message (so re-asks of one request count together): a
 marker ``[KIND*N]`` makes the first N requests of that prompt fail with KIND, ``[KIND*always]`` every one.
 
-Kinds: ``429`` (with ``Retry-After: retry_after``), ``500``, ``timeout`` (no answer for ``hang`` seconds),
+Kinds: ``401`` (a refused key, echoing the Authorization header as careless servers do), ``429`` (with ``Retry-After: retry_after``), ``500``, ``timeout`` (no answer for ``hang`` seconds),
 ``drop`` (headers, then the connection closes mid-body), ``truncated`` (a 200 whose JSON is cut short),
 ``malformed`` (a 200 whose JSON is not a chat completion), ``html`` (a 200 HTML error page), ``slow`` (the
 right answer, trickled a byte every ``trickle`` seconds), ``badjson`` (a well-formed completion whose text is
@@ -35,7 +35,7 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-_FAULT = re.compile(r"\[(429|500|timeout|drop|truncated|malformed|html|slow|badjson)\*(\d+|always)\]")
+_FAULT = re.compile(r"\[(401|429|500|timeout|drop|truncated|malformed|html|slow|badjson)\*(\d+|always)\]")
 
 
 def first_user(messages: list[dict[str, Any]]) -> str:
@@ -141,6 +141,9 @@ class FaultServer(ThreadServer):
                 return JSONResponse({"error": {"message": "rate limit reached", "type": "requests"}}, 429,
                                     headers={**headers, "retry-after": "1"})
             kind = self.fault(prompt, n)
+            if kind == "401":
+                given = request.headers.get("authorization", "")
+                return JSONResponse({"error": {"message": f"Incorrect API key provided: {given}"}}, 401)
             if kind == "429":
                 return JSONResponse({"error": {"message": "Rate limit reached", "type": "requests"}}, 429,
                                     headers={"retry-after": str(self.retry_after)})

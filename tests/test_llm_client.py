@@ -15,6 +15,8 @@ from dataeff.errors import DataeffError
 from dataeff.generate.llm import Cache, LLMConfig, Request, run_job
 from dataeff.generate.serve import ServeConfig, build_app
 
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
 
 def config(url: str, tmp_path: Path, **over: object) -> LLMConfig:
     base: dict[str, object] = {
@@ -133,6 +135,19 @@ def test_missing_key_names_the_variable_and_the_key_is_never_stored(tmp_path, mo
         assert b"sk-secret-4711" not in path.read_bytes(), path
 
 
+def test_a_refused_key_stops_the_job_and_is_never_repeated(tmp_path, monkeypatch):
+    monkeypatch.setenv("DATAEFF_TEST_KEY", "sk-wrong-key-1234")
+    with FaultServer() as server:
+        job = run_job(config(server.url, tmp_path, api_key_env="DATAEFF_TEST_KEY", concurrency=2),
+                      [ask(f"[401*always] {i}") for i in range(20)], manifest=tmp_path / "job.json")
+        assert sum(server.counts.values()) <= 2  # one attempt per worker, never retried
+    s = job.summary
+    assert s.stop_reason == "refused" and "HTTP 401" in s.stop_message and "DATAEFF_TEST_KEY" in s.stop_message
+    assert "[api key]" in s.stop_message and "sk-wrong" not in s.stop_message
+    assert all("sk-wrong" not in (r.error or "") for r in job.results)
+    assert b"sk-wrong" not in (tmp_path / "job.json").read_bytes()
+
+
 def test_unreachable_url_ends_in_a_clear_error_quickly(tmp_path, capsys):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -164,6 +179,26 @@ def test_prompt_longer_than_the_context_is_refused_with_the_sizes_and_not_retrie
     assert not long.ok and "context is 100 tokens" in long.error and "92 in the prompt, 20 for the completion" in long.error
     assert "HTTP 400" in long.error and long.attempts == 1
     assert short.ok and job.summary.sent == 2 and job.summary.retries == 0
+
+
+@pytest.mark.parametrize("example", ["llm_vllm.yaml", "llm_openai.yaml"])
+def test_example_configs_run_against_any_openai_compatible_server_by_config_alone(tmp_path, capsys, example,
+                                                                                   monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test-0000")
+    reqs = tmp_path / "reqs.jsonl"
+    reqs.write_text("".join(json.dumps(r) + "\n" for r in [{"prompt": "one"}, {"system": "Be brief.", "prompt": "two"},
+                                                          {"prompt": "{\"k\": 1} as JSON", "json": True}]))
+    with ThreadServer(build_app(ServeConfig(model="test", test_latency=0.0))) as server:
+        args = ["llm", str(CONFIGS / example), f"requests={reqs}", f"out={tmp_path / 'out.jsonl'}",
+                f"llm.base_url={server.url}", "llm.model=test", f"llm.cache={tmp_path / 'cache.sqlite'}",
+                "llm.progress=false", "llm.max_reasks=0", "llm.prices={}", "llm.budget_usd=0"]
+        assert main(args) == 0
+    out = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    # The test model does not speak JSON: the JSON request fails its check, after one ask, and says why.
+    assert [r["ok"] for r in out] == [True, True, False] and "does not match the schema" in out[2]["error"]
+    summary = json.loads(capsys.readouterr().out)
+    assert (summary["answered"], summary["failed"], summary["parse_failures"]) == (2, 1, 1)
+    assert (tmp_path / "out.manifest.json").exists()
 
 
 def test_cache_keys_ignore_the_base_url_but_not_the_prompt_version(tmp_path):

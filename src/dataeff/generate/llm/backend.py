@@ -1,10 +1,14 @@
 """The OpenAI-compatible backend: one attempt of one chat completion through the official ``openai`` SDK.
 
 The SDK's own retries are off (``max_retries=0``): retries, backoff and rate limits are the job's, so every
-attempt is counted and bounded in one place. The response is read raw (``with_raw_response``) for its
-rate-limit headers, and checked by hand rather than trusted: a 200 whose body is not a chat completion
-(truncated or malformed JSON, an HTML error page) raises :class:`MalformedResponse`, which is retried.
-The whole attempt is bounded by ``timeout`` seconds, so a server trickling bytes cannot hold it.
+attempt is counted and bounded in one place. The request goes through the SDK's generic ``post`` (its way
+to custom endpoints) with the same JSON body ``chat.completions.create`` would send: the typed method spends
+about a millisecond of CPU per request transforming its arguments, most of the client's time at 64 in
+flight. The response comes back raw (``AsyncAPIResponse``, as with ``with_raw_response``) for its rate-limit
+headers, and is checked by hand rather than trusted: a 200 whose body is not a chat completion (truncated or
+malformed JSON, an HTML error page) raises :class:`MalformedResponse`, which is retried. HTTP errors arrive
+as the SDK's typed exceptions. The whole attempt is bounded by ``timeout`` seconds, so a server trickling
+bytes cannot hold it.
 """
 
 from __future__ import annotations
@@ -94,9 +98,9 @@ class OpenAIBackend:
 
     async def complete(self, messages: Sequence[Mapping[str, str]], params: Mapping[str, Any]) -> tuple[Answer, Mapping[str, str]]:
         async with asyncio.timeout(self.cfg.timeout):
-            raw = await self.client.chat.completions.with_raw_response.create(
-                model=self.cfg.model, messages=list(messages), **params)  # type: ignore[arg-type]
-            body = raw.http_response.content
+            raw = await self.client.post("/chat/completions", cast_to=openai.AsyncAPIResponse[object],
+                                         body={"model": self.cfg.model, "messages": list(messages), **params})
+            body = await raw.read()
         return parse_completion(body, messages), raw.headers
 
     async def aclose(self) -> None:

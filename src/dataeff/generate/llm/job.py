@@ -10,8 +10,9 @@
   asks per request; every attempt ends within ``timeout``.
 - **Stops early, cleanly.** The job stops sending (in-flight requests finish; the rest are "not run") when
   the next request could exceed the budget (:mod:`~dataeff.generate.llm.ledger`), when more than
-  ``max_error_rate`` of the last ``error_window`` finished requests failed, or when a request exhausted its
-  attempts without ever reaching the server (an unreachable ``base_url``). The summary says why.
+  ``max_error_rate`` of the last ``error_window`` finished requests failed, when a request exhausted its
+  attempts without ever reaching the server (an unreachable ``base_url``), or when the server refuses the
+  job itself (401, 403 or 404: a wrong key, model or URL). The summary says why.
 - **Accounted.** A progress bar shows requests done of total, tokens, cost, failures, retries and ETA. The
   summary (sent, cached, failed, retries, tokens, cost, stop reason, ...) goes to ``manifest``, rewritten
   every few seconds while the job runs and at its end, with one entry per run of the job under ``runs``.
@@ -58,6 +59,7 @@ from dataeff.generate.llm.retry import Failure, classify, retry_after, retrying
 from dataeff.generate.llm.schema import reask_message, validate
 
 _MANIFEST_EVERY = 5.0  # seconds between manifest rewrites while a job runs
+_REFUSED = ("http_401", "http_403", "http_404")  # the server refuses the job, not one request
 
 
 class Stopped(Exception):
@@ -164,6 +166,9 @@ class Job:
         self.started = time.time()
         self.cache = Cache(cfg.cache)
         self.ledger = Ledger(cfg, self.price)
+        # Never repeated in a result or a manifest, even if a server echoes it in an error.
+        key = getattr(getattr(backend, "client", None), "api_key", None)
+        self.secret = key if isinstance(key, str) and len(key) >= 8 else None
         self.bar: Any = None
         self.last_postfix = 0.0
 
@@ -271,9 +276,12 @@ class Job:
     def stopping(self) -> bool:
         return self.stop_event.is_set()
 
+    def redact(self, text: str) -> str:
+        return text.replace(self.secret, "[api key]") if self.secret else text
+
     def stop(self, reason: str, message: str) -> None:
         if not self.stopping:
-            self.summary.stop_reason, self.summary.stop_message = reason, message
+            self.summary.stop_reason, self.summary.stop_message = reason, self.redact(message)
             self.stop_event.set()
 
     def _set(self, key: str, answer: Answer, parsed: Any, *, cached: bool, attempts: int) -> None:
@@ -301,8 +309,9 @@ class Job:
         return None
 
     def fail(self, key: str, failure: Failure, attempts: int) -> None:
+        message = self.redact(failure.message)
         for i in self.indices[key]:
-            self.results[i] = Result(i, key, False, error=failure.message, attempts=attempts)
+            self.results[i] = Result(i, key, False, error=message, attempts=attempts)
         self.summary.failed += 1
         self._outcome(failure)
 
@@ -360,6 +369,10 @@ class Job:
                 if failure.kind == "connect" and self.last_response < began:
                     self.stop("unreachable", f"{self.cfg.base_url} is unreachable: {failure.message}, "
                                              f"{state['n']} attempts in {time.monotonic() - began:.1f} s")
+                elif failure.kind in _REFUSED:
+                    # Every other request would be refused the same way: a wrong key, model or URL.
+                    self.stop("refused", f"{failure.message} (llm.api_key_env={self.cfg.api_key_env!r}, "
+                                         f"llm.model={self.cfg.model!r}, llm.base_url={self.cfg.base_url!r})")
                 self.fail(key, failure, attempts)
                 return
             attempts += state["n"]
