@@ -25,7 +25,6 @@ import email.policy
 import hashlib
 import json
 import re
-import socket
 import threading
 import time
 from collections import Counter
@@ -34,6 +33,8 @@ from typing import Any
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from dataeff.generate.serve import bind
 
 _FAULT = re.compile(r"\[(401|429|500|timeout|drop|truncated|malformed|html|slow|badjson)\*(\d+|always)\]")
 
@@ -46,8 +47,7 @@ class ThreadServer:
     """An ASGI app served by uvicorn in a daemon thread on a free port of 127.0.0.1."""
 
     def __init__(self, app: Any):
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
+        self.sock = bind("127.0.0.1", 0)
         self.port = self.sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}/v1"
         self.server = uvicorn.Server(uvicorn.Config(app, log_level="critical", access_log=False,

@@ -108,7 +108,8 @@ def test_error_rate_stops_the_job_early_with_a_summary(tmp_path):
     s = job.summary
     assert s.stop_reason == "error_rate" and "HTTP 500" in s.stop_message and "5 requests failed" in s.stop_message
     assert 5 <= s.failed <= 5 + cfg.concurrency and s.not_run == 40 - s.failed
-    assert sent == s.sent == 2 * s.failed  # each failed request had exactly max_retries + 1 attempts
+    # Each failed request had exactly max_retries + 1 attempts; one in flight at the stop may have had one.
+    assert sent == s.sent and 2 * s.failed <= sent <= 2 * s.failed + cfg.concurrency
     assert all(r.error.startswith("not run") for r in job.results if not r.ok and r.attempts == 0)
 
 

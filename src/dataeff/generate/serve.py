@@ -262,10 +262,11 @@ def build_app(cfg: ServeConfig, engine: Engine | None = None) -> FastAPI:
             chunks += [{**head, "choices": [{"index": j, "delta": {}, "finish_reason": o.finish_reason}]}
                        for j, o in enumerate(outs)]
             return sse(chunks)
-        return {"id": ident, "object": "chat.completion", "created": created, "model": served,
-                "choices": [{"index": j, "message": {"role": "assistant", "content": o.text.strip()},
-                             "finish_reason": o.finish_reason} for j, o in enumerate(outs)],
-                "usage": usage(outs, body.n)}
+        # A JSONResponse as is: FastAPI would otherwise walk the answer once more with its encoder.
+        return JSONResponse({"id": ident, "object": "chat.completion", "created": created, "model": served,
+                             "choices": [{"index": j, "message": {"role": "assistant", "content": o.text.strip()},
+                                          "finish_reason": o.finish_reason} for j, o in enumerate(outs)],
+                             "usage": usage(outs, body.n)})
 
     @app.post("/v1/completions", response_model=None)
     async def completions(body: CompletionBody) -> Any:
@@ -288,8 +289,8 @@ def build_app(cfg: ServeConfig, engine: Engine | None = None) -> FastAPI:
         if body.stream:
             head = {"id": ident, "object": "text_completion", "created": created, "model": served}
             return sse([{**head, "choices": [c]} for c in choices])
-        return {"id": ident, "object": "text_completion", "created": created, "model": served, "choices": choices,
-                "usage": usage(outs, body.n)}
+        return JSONResponse({"id": ident, "object": "text_completion", "created": created, "model": served,
+                             "choices": choices, "usage": usage(outs, body.n)})
 
     return app
 
@@ -297,7 +298,9 @@ def build_app(cfg: ServeConfig, engine: Engine | None = None) -> FastAPI:
 def bind(host: str, port: int) -> socket.socket:
     """A bound, listening socket; port 0 picks a free one."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # IPPROTO_TCP spelled out: asyncio sets TCP_NODELAY only on sockets that say so, and without it every
+    # answer written in two parts (headers, body) waits ~40 ms for the client's delayed ACK.
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))

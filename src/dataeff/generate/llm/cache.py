@@ -143,7 +143,3 @@ class Cache:
         rows = self.db.execute(
             "SELECT input_file_id, batch_id, keys, status FROM batches WHERE status != 'collected' ORDER BY created")
         return [BatchEntry(f, b, json.loads(k), s) for f, b, k, s in rows]
-
-    def batch_entries(self) -> list[BatchEntry]:
-        rows = self.db.execute("SELECT input_file_id, batch_id, keys, status FROM batches ORDER BY created")
-        return [BatchEntry(f, b, json.loads(k), s) for f, b, k, s in rows]

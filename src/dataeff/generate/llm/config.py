@@ -27,6 +27,8 @@ class LLMConfig:
     base_url: str = option("https://api.openai.com/v1", "openai: the endpoint's base URL, ending in /v1")
     api_key_env: str = option("OPENAI_API_KEY", "openai: the environment variable holding the API key "
                                                 "('' for a server that needs none, such as a local vLLM)")
+    http: Literal["aiohttp", "httpx"] = option("aiohttp", "openai: the SDK's HTTP transport: aiohttp (about half the "
+                                                          "CPU per request; openai[aiohttp]) or httpx (the SDK's default)")
     concurrency: int = option(16, "requests in flight at once")
     rpm: float = option(0.0, "requests per minute at most (0: no limit until the server's rate-limit headers set one)")
     tpm: float = option(0.0, "tokens per minute at most, prompt plus completion (0: no limit until the server's headers set one)")

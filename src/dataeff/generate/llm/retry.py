@@ -84,16 +84,20 @@ def classify(exc: BaseException) -> Failure:
         message = f"HTTP {status}: {_status_message(exc)}"
         retryable = status in _RETRIED_STATUS or status >= 500
         return Failure(f"http_{status}", message, retryable, retry_after(exc.response.headers) if retryable else None)
-    if isinstance(exc, openai.APITimeoutError | asyncio.TimeoutError | TimeoutError):
-        return Failure("timeout", "the attempt timed out", True)
-    if isinstance(exc, openai.APIConnectionError):
+    if isinstance(exc, openai.APIConnectionError):  # timeouts included
         cause = exc.__cause__
-        name = type(cause).__name__ if cause is not None else "connection error"
-        detail = str(cause).strip() if cause is not None and str(cause).strip() else name
-        # A connection never opened is told apart from one dropped mid-answer: only the first means the
-        # server is unreachable.
-        kind = "connect" if name == "ConnectError" else "connection"
-        return Failure(kind, f"{'could not connect' if kind == 'connect' else 'connection dropped'} ({detail})", True)
+        name = type(cause).__name__ if cause is not None else ""
+        detail = (str(cause).strip() or name) if cause is not None else exc.message
+        # A connection that never opened (refused, unresolvable, or timed out while connecting; the aiohttp
+        # transport reports a refusal as a connect timeout) is told apart from one that failed mid-answer:
+        # only the first can mean the server is unreachable.
+        if name in ("ConnectError", "ConnectTimeout"):
+            return Failure("connect", f"could not connect ({detail})", True)
+        if isinstance(exc, openai.APITimeoutError):
+            return Failure("timeout", "the attempt timed out", True)
+        return Failure("connection", f"connection dropped ({detail})", True)
+    if isinstance(exc, asyncio.TimeoutError | TimeoutError):
+        return Failure("timeout", "the attempt timed out", True)
     if isinstance(exc, MalformedResponse):
         return Failure("malformed", f"malformed response: {exc}", True)
     if isinstance(exc, ContextTooLong):
