@@ -358,7 +358,7 @@ class Job:
         attempts = 0
         for ask in range(asked, self.cfg.max_reasks + 1):
             began = time.monotonic()
-            state: dict[str, int] = {"n": 0}
+            state = {"n": 0}  # attempts of this ask, counted by _send
             try:
                 answer = await self._attempts(messages, params, state)
             except Stopped:
@@ -422,6 +422,7 @@ class Job:
                     state: dict[str, int]) -> Answer:
         await self.limiter.acquire(estimate)
         if self.stopping:
+            self.limiter.release(estimate, 0)
             raise Stopped
         state["n"] += 1
         self.summary.sent += 1
