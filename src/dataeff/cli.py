@@ -173,6 +173,29 @@ def _theory_config() -> type:
 
     return TheoryConfig
 
+def _serve(cfg: Any) -> None:
+    from dataeff.generate.serve import serve
+
+    serve(cfg)
+
+
+def _serve_config() -> type:
+    from dataeff.generate.serve import ServeConfig
+
+    return ServeConfig
+
+
+def _llm(cfg: Any) -> None:
+    from dataeff.generate.llm.command import llm_command
+
+    llm_command(cfg)
+
+
+def _llm_config() -> type:
+    from dataeff.generate.llm.config import LLMJobConfig
+
+    return LLMJobConfig
+
 
 COMMANDS = [
     Command("prepare", "tokenize a corpus into a content-addressed token store", _run_config, _prepare),
@@ -193,6 +216,10 @@ COMMANDS = [
             _quality_config, _quality, "synthetic"),
     Command("theory", "simulate EntiGraph's random-graph model of knowledge and compare it with the "
             "mixture-of-exponentials closed form", _theory_config, _theory),
+    Command("serve", "an OpenAI-compatible HTTP server for a run, an ensemble, a Hugging Face model or the test model",
+            _serve_config, _serve, "model"),
+    Command("llm", "send a JSONL file of chat requests through the generation client (cached, resumable, budgeted)",
+            _llm_config, _llm, "requests"),
 ]
 
 
