@@ -83,8 +83,9 @@ def _instances(lm_eval: ModuleType, kind: str, args: list[tuple[Any, ...]]) -> l
 def test_missing_lm_eval_is_one_line_error(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "lm_eval.api.model", None)
     monkeypatch.delitem(sys.modules, "dataeff.lm_eval_adapter", raising=False)
+    monkeypatch.delitem(sys.modules, "dataeff.eval.lm_eval_adapter", raising=False)
     with pytest.raises(DataeffError, match=r"^dataeff.lm_eval_adapter needs lm-evaluation-harness: pip install lm-eval$"):
-        importlib.import_module("dataeff.lm_eval_adapter")
+        importlib.import_module("dataeff.eval.lm_eval_adapter")
 
 
 def test_loglikelihood_by_hand(lm_eval: ModuleType, adapter: ModuleType, runs: tuple[Path, Path],

@@ -24,6 +24,9 @@ class DataConfig:
         "as <|endoftext|>; auto = the named corpus's own, else blank_line",
     )
     text_field: str = option("text", "the text field of .jsonl records, .parquet columns and HF datasets")
+    prompt_field: str | None = option(
+        None, "a field of .jsonl/.parquet records holding a prompt: each document is the prompt, an end-of-document "
+        "token, then the text, and the loss is on the text only (for conditional models such as SBP's synthesizer)")
     hf_config: str | None = option(None, "Hugging Face dataset configuration name")
     hf_split: str = option("train", "Hugging Face split used for training")
     hf_data_files: str | None = option(
@@ -52,6 +55,16 @@ class DataConfig:
         "share of every epoch's training tokens that are synthetic: the first D·s/(1-s) synthetic tokens join the "
         "D real ones, so the real data is still seen once per epoch (the paper used 0.75-0.9)",
         min=0.0, below=1.0)
+    synthetic_schedule: Literal["every_epoch", "once"] = option(
+        "every_epoch", "every_epoch: the synthetic tokens join every epoch (D·s/(1-s) of them); once: the synthetic "
+        "tokens are seen at most once over the run, spread evenly through it, and the real data repeats for "
+        "train.epochs (s/(1-s)·epochs·D synthetic tokens: s is their share of all training tokens)")
+    replay: str | None = option(
+        None, "a general corpus replayed during training (continued pretraining): a named corpus or a file, "
+        "tokenized with the run's tokenizer")
+    replay_rate: float = option(0.0, "share of training sequences replaced by a random replay sequence: a seeded "
+                                     "coin per sequence, as in EntiGraph's code", min=0.0, below=1.0)
+    replay_tokens: int | None = option(None, "tokens read from the replay corpus at most (default: all)", min=1)
     cache_dir: str = option("cache", "directory for prepared token stores (relative to the working directory)")
 
     def __post_init__(self) -> None:
@@ -65,6 +78,8 @@ class DataConfig:
             raise ValueError(f"val_docs must be at least 1, got {self.val_docs}")
         if self.train_tokens is not None and self.train_tokens < 1:
             raise ValueError(f"train_tokens must be at least 1, got {self.train_tokens}")
+        if (self.replay is None) != (self.replay_rate == 0.0):
+            raise ValueError("replay and replay_rate are set together: a replay corpus and its rate above 0")
 
 
 @dataclass

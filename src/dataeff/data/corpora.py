@@ -15,6 +15,7 @@ import json
 import math
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -204,8 +205,38 @@ def _read_text(path: Path) -> str:
         raise DataeffError(f"{path}:{line}: not valid UTF-8 (byte offset {e.start}: {e.reason})") from None
 
 
+@dataclass(frozen=True)
+class Conditional:
+    """A document whose ``prompt`` conditions its ``text``: a model learns p(text | prompt), the loss on the text only."""
+
+    prompt: str
+    text: str
+
+
+Document = str | Conditional
+
+
+def texts(docs: Sequence[Document]) -> list[str]:
+    """Every string of the documents (a conditional one gives its prompt and its text), e.g. to train a tokenizer."""
+    return [s for d in docs for s in ((d.prompt, d.text) if isinstance(d, Conditional) else (d,))]
+
+
 def _clean(parts: list[str]) -> list[str]:
     return [doc for doc in (p.strip() for p in parts) if doc]
+
+
+def _clean_conditional(pairs: list[tuple[str, str]]) -> list[Conditional]:
+    return [Conditional(prompt.strip(), text.strip()) for prompt, text in pairs if text.strip()]
+
+
+def _field(record: Any, field: str, path: Path, number: int, setting: str) -> str:
+    if not isinstance(record, dict) or field not in record:
+        keys = ", ".join(record) if isinstance(record, dict) else f"a {type(record).__name__}, not an object"
+        raise DataeffError(f"{path}:{number}: no field '{field}' (set {setting}; found: {keys})")
+    value = record[field]
+    if not isinstance(value, str):
+        raise DataeffError(f"{path}:{number}: field '{field}' is {type(value).__name__}, expected a string")
+    return value
 
 
 def split_text(text: str, separator: str, drop_tail: bool = False) -> list[str]:
@@ -221,8 +252,8 @@ def split_text(text: str, separator: str, drop_tail: bool = False) -> list[str]:
     return _clean(parts)
 
 
-def _read_jsonl(path: Path, text_field: str) -> list[str]:
-    docs = []
+def _read_jsonl(path: Path, text_field: str, prompt_field: str | None = None) -> list[Document]:
+    texts_, prompts = [], []
     for number, line in enumerate(_read_text(path).split("\n"), start=1):
         if not line.strip():
             continue
@@ -230,17 +261,15 @@ def _read_jsonl(path: Path, text_field: str) -> list[str]:
             record = json.loads(line)
         except json.JSONDecodeError as e:
             raise DataeffError(f"{path}:{number}: malformed JSON ({e.msg} at column {e.colno})") from None
-        if not isinstance(record, dict) or text_field not in record:
-            keys = ", ".join(record) if isinstance(record, dict) else f"a {type(record).__name__}, not an object"
-            raise DataeffError(f"{path}:{number}: no field '{text_field}' (set data.text_field; found: {keys})")
-        value = record[text_field]
-        if not isinstance(value, str):
-            raise DataeffError(f"{path}:{number}: field '{text_field}' is {type(value).__name__}, expected a string")
-        docs.append(value)
-    return _clean(docs)
+        texts_.append(_field(record, text_field, path, number, "data.text_field"))
+        if prompt_field is not None:
+            prompts.append(_field(record, prompt_field, path, number, "data.prompt_field"))
+    if prompt_field is not None:
+        return list(_clean_conditional(list(zip(prompts, texts_, strict=True))))
+    return list(_clean(texts_))
 
 
-def _read_parquet(path: Path, text_field: str) -> list[str]:
+def _read_parquet(path: Path, text_field: str, prompt_field: str | None = None) -> list[Document]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -248,13 +277,19 @@ def _read_parquet(path: Path, text_field: str) -> list[str]:
         schema = pq.read_schema(path)
     except (pa.ArrowException, OSError) as e:
         raise DataeffError(f"{path}: not a readable parquet file ({str(e).splitlines()[0]})") from None
-    if text_field not in schema.names:
-        raise DataeffError(f"{path}: no column '{text_field}' (set data.text_field; columns: {', '.join(schema.names)})")
-    kind = schema.field(text_field).type
-    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
-        raise DataeffError(f"{path}: column '{text_field}' holds {kind}, expected strings")
-    values = pq.read_table(path, columns=[text_field]).column(text_field).to_pylist()
-    return _clean([v for v in values if v is not None])
+    fields = [text_field] + ([prompt_field] if prompt_field is not None else [])
+    for field, setting in zip(fields, ("data.text_field", "data.prompt_field"), strict=False):
+        if field not in schema.names:
+            raise DataeffError(f"{path}: no column '{field}' (set {setting}; columns: {', '.join(schema.names)})")
+        kind = schema.field(field).type
+        if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+            raise DataeffError(f"{path}: column '{field}' holds {kind}, expected strings")
+    table = pq.read_table(path, columns=fields)
+    values = table.column(text_field).to_pylist()
+    if prompt_field is None:
+        return list(_clean([v for v in values if v is not None]))
+    prompts = table.column(prompt_field).to_pylist()
+    return list(_clean_conditional([(p or "", v) for p, v in zip(prompts, values, strict=True) if v is not None]))
 
 
 def _read_hf(source: Source, text_field: str, cache_dir: str) -> list[str]:
@@ -279,10 +314,15 @@ def _read_hf(source: Source, text_field: str, cache_dir: str) -> list[str]:
     return _clean([v for v in values if v is not None])
 
 
-def read_source(source: Source, text_field: str = "text", cache_dir: str = "cache") -> list[str]:
-    """All documents of one source, in file order; refuses a source with none."""
+def read_source(source: Source, text_field: str = "text", cache_dir: str = "cache",
+                prompt_field: str | None = None) -> list[Document]:
+    """All documents of one source, in file order; refuses a source with none. With ``prompt_field``, records
+    give conditional documents (only .jsonl and .parquet records have fields)."""
+    if prompt_field is not None and source.format in ("hf", "txt"):
+        raise DataeffError(f"data.prompt_field={prompt_field!r} needs .jsonl or .parquet records; {source.location} "
+                           f"is {source.format}")
     if source.format == "hf":
-        docs = _read_hf(source, text_field, cache_dir)
+        docs: list[Document] = list(_read_hf(source, text_field, cache_dir))
         if not docs:
             raise DataeffError(f"hf:{source.location} split {source.hf_split!r}: no documents (empty or whitespace-only)")
         return docs
@@ -290,11 +330,13 @@ def read_source(source: Source, text_field: str = "text", cache_dir: str = "cach
     for path in _files(source):
         fmt = _file_format(path, source.format)
         if fmt == "txt":
+            if prompt_field is not None:
+                raise DataeffError(f"data.prompt_field={prompt_field!r} needs .jsonl or .parquet records; {path} is text")
             docs.extend(split_text(_read_text(path), source.separator, source.drop_tail))
         elif fmt == "jsonl":
-            docs.extend(_read_jsonl(path, text_field))
+            docs.extend(_read_jsonl(path, text_field, prompt_field))
         else:
-            docs.extend(_read_parquet(path, text_field))
+            docs.extend(_read_parquet(path, text_field, prompt_field))
     if not docs:
         raise DataeffError(f"{source.location}: no documents (empty or whitespace-only)")
     return docs
@@ -309,7 +351,7 @@ def read_path(path: str | Path, format: Format = "auto", separator: str = "blank
 # splits
 
 
-def holdout(docs: list[str], cfg: DataConfig) -> tuple[list[str], list[str]]:
+def holdout(docs: list[Document], cfg: DataConfig) -> tuple[list[Document], list[Document]]:
     """A seeded document-level split into (train, val); both keep the documents' original order."""
     n = len(docs)
     k = cfg.val_docs if cfg.val_docs is not None else max(1, math.ceil(cfg.val_fraction * n))
@@ -323,9 +365,10 @@ def holdout(docs: list[str], cfg: DataConfig) -> tuple[list[str], list[str]]:
     return [d for d, h in zip(docs, held, strict=True) if not h], [d for d, h in zip(docs, held, strict=True) if h]
 
 
-def load_documents(cfg: DataConfig) -> dict[str, list[str]]:
+def load_documents(cfg: DataConfig) -> dict[str, list[Document]]:
     """Documents of every split: "train", "val", and "test" when the corpus has one."""
-    docs = {split: read_source(src, cfg.text_field, cfg.cache_dir) for split, src in resolve_sources(cfg).items()}
+    docs = {split: read_source(src, cfg.text_field, cfg.cache_dir, cfg.prompt_field)
+            for split, src in resolve_sources(cfg).items()}
     if "val" not in docs:
         docs["train"], docs["val"] = holdout(docs["train"], cfg)
     return docs

@@ -8,6 +8,7 @@ the directory appears by one rename only once complete, so a crash never leaves 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -24,12 +25,15 @@ from tqdm import tqdm
 from dataeff.config import non_default, to_dict
 from dataeff.data.config import DataConfig, Format, TokenizerConfig
 from dataeff.data.corpora import (
+    Conditional,
+    Document,
     corpus_fingerprint,
     corpus_name,
     default_tokenizer_kind,
     file_sha256,
     load_documents,
     read_path,
+    texts,
 )
 from dataeff.data.tokenizer import Tokenizer, build_tokenizer, resolve_kind
 from dataeff.errors import DataeffError
@@ -45,7 +49,8 @@ _BATCH_DOCS = 1024
 _NOT_IDENTITY = ("cache_dir",)
 # Fields that pick the training budget or add synthetic text: the tokenizer is trained on the whole real
 # training split regardless, so a student trained on a teacher's samples shares the teacher's tokenizer.
-_BUDGET_FIELDS = ("train_tokens", "budget_seed", "synthetic", "synthetic_field", "synthetic_share")
+_BUDGET_FIELDS = ("train_tokens", "budget_seed", "synthetic", "synthetic_field", "synthetic_share", "synthetic_schedule",
+                  "replay", "replay_rate", "replay_tokens")
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -59,8 +64,10 @@ class TokenSplit:
     name: str
     tokens: np.ndarray
     doc_offsets: np.ndarray
-    n_bytes: int  # UTF-8 bytes of the text the tokens encode
+    n_bytes: int  # UTF-8 bytes of the text the tokens encode (of conditional documents, the text's, not the prompt's)
     n_words: int  # whitespace words of that text, plus one per document for its EOS
+    # 1 where a token is a target the loss counts (None: every token is); 0 on conditional documents' prompts.
+    mask: np.ndarray | None = None
 
     @property
     def n_tokens(self) -> int:
@@ -91,7 +98,8 @@ class PreparedData:
         offsets = np.load(self.path / f"{name}.docs.npy")
         if len(tokens) != info["n_tokens"] or offsets[-1] != info["n_tokens"]:
             raise DataeffError(f"{self.path}/{name}.bin: holds {len(tokens)} tokens, meta.json says {info['n_tokens']}; delete the store")
-        return TokenSplit(name, tokens, offsets, info["n_bytes"], info["n_words"])
+        mask = np.memmap(self.path / f"{name}.mask.bin", dtype=np.uint8, mode="r") if info.get("masked") else None
+        return TokenSplit(name, tokens, offsets, info["n_bytes"], info["n_words"], mask)
 
 
 def load_prepared(path: str | Path) -> PreparedData:
@@ -119,7 +127,7 @@ class _Stream:
 
 
 def _tokenize(
-    docs: Sequence[str],
+    docs: Sequence[Document],
     tokenizer: Tokenizer,
     dtype: np.dtype,
     sink: Callable[[np.ndarray], None],
@@ -127,27 +135,40 @@ def _tokenize(
     budget: int | None = None,
     desc: str = "tokenizing",
     progress: bool = False,
+    mask_sink: Callable[[np.ndarray], None] | None = None,
 ) -> _Stream:
     """Feed ``sink`` the documents' tokens, each followed by EOS, stopping after exactly ``budget`` tokens.
 
-    A document cut by the budget counts its bytes and words in proportion to the share of its tokens kept.
+    A conditional document is its prompt, EOS, its text and EOS; ``mask_sink`` then gets a 0 for every token of
+    the prompt and its EOS (targets the loss skips) and a 1 for the rest. A document cut by the budget counts its
+    bytes and words in proportion to the share of its tokens kept.
     """
     stream = _Stream([0])
     with tqdm(total=len(docs), desc=desc, unit="doc", disable=not progress) as bar:
         for start in range(0, len(docs), _BATCH_DOCS):
             batch = docs[start : start + _BATCH_DOCS]
             flat: list[int] = []
-            for doc, ids in zip(batch, tokenizer.encode_batch(batch), strict=True):
+            flat_mask: list[int] = []
+            text_ids = tokenizer.encode_batch([d.text if isinstance(d, Conditional) else d for d in batch])
+            prompt_ids = tokenizer.encode_batch([d.prompt for d in batch if isinstance(d, Conditional)])
+            prompts = iter(prompt_ids)
+            for doc, ids in zip(batch, text_ids, strict=True):
                 ids.append(tokenizer.eos_id)
-                keep = len(ids) if budget is None else min(len(ids), budget - stream.n_tokens)
-                share = keep / len(ids)
-                flat.extend(ids[:keep])
+                text = doc.text if isinstance(doc, Conditional) else doc
+                skipped = [*next(prompts), tokenizer.eos_id] if isinstance(doc, Conditional) else []
+                doc_ids = skipped + ids
+                keep = len(doc_ids) if budget is None else min(len(doc_ids), budget - stream.n_tokens)
+                share = max(0, keep - len(skipped)) / len(ids)
+                flat.extend(doc_ids[:keep])
+                flat_mask.extend(([0] * len(skipped) + [1] * len(ids))[:keep])
                 stream.offsets.append(stream.n_tokens + keep)
-                stream.n_bytes += len(doc.encode("utf-8")) * share
-                stream.n_words += (len(doc.split()) + 1) * share
+                stream.n_bytes += len(text.encode("utf-8")) * share
+                stream.n_words += (len(text.split()) + 1) * share
                 if stream.n_tokens == budget:
                     break
             sink(np.asarray(flat, dtype=dtype))
+            if mask_sink is not None:
+                mask_sink(np.asarray(flat_mask, dtype=np.uint8))
             bar.update(len(batch))
             if stream.n_tokens == budget:
                 break
@@ -164,18 +185,25 @@ def _split_meta(stream: _Stream) -> dict[str, int]:
 
 
 def _write_split(
-    directory: Path, name: str, docs: Sequence[str], tokenizer: Tokenizer, dtype: np.dtype,
+    directory: Path, name: str, docs: Sequence[Document], tokenizer: Tokenizer, dtype: np.dtype,
     budget: int | None, progress: bool,
-) -> _Stream:
-    with open(directory / f"{name}.bin", "wb") as f:
-        stream = _tokenize(docs, tokenizer, dtype, lambda a: a.tofile(f), budget=budget, desc=name, progress=progress)
-        f.flush()
-        os.fsync(f.fileno())
+) -> dict[str, Any]:
+    """Write ``<name>.bin``, ``<name>.docs.npy`` and, for conditional documents, ``<name>.mask.bin``; the split's
+    meta entry."""
+    masked = any(isinstance(d, Conditional) for d in docs)
+    with open(directory / f"{name}.bin", "wb") as f, \
+            (open(directory / f"{name}.mask.bin", "wb") if masked else contextlib.nullcontext()) as m:
+        stream = _tokenize(docs, tokenizer, dtype, lambda a: a.tofile(f), budget=budget, desc=name, progress=progress,
+                           mask_sink=(lambda a: a.tofile(m)) if m is not None else None)
+        for handle in (f, m):
+            if handle is not None:
+                handle.flush()
+                os.fsync(handle.fileno())
     with open(directory / f"{name}.docs.npy", "wb") as f:
         np.save(f, np.asarray(stream.offsets, dtype=np.int64))
         f.flush()
         os.fsync(f.fileno())
-    return stream
+    return {**_split_meta(stream), **({"masked": True} if masked else {})}
 
 
 def unigram_entropy(tokens: np.ndarray, vocab_size: int) -> float:
@@ -231,6 +259,8 @@ def _store_keys(data: DataConfig, tok: TokenizerConfig) -> tuple[Path, str, str]
         if not path.is_file():
             raise DataeffError(f"data.synthetic={data.synthetic}: no such file")
         synthetic = {"synthetic_sha256": file_sha256(path)}
+    if data.replay is not None:
+        synthetic["replay"] = corpus_fingerprint(_replay_config(data))
     store = Path(data.cache_dir) / f"{name}-{_hash({**common, 'data': fields, **synthetic})}"
     return store, f"{name}-{_hash({**common, 'data': unbudgeted})}", kind
 
@@ -259,7 +289,7 @@ def _build(store: Path, tokenizer_key: str, kind: str, data: DataConfig, tok: To
            progress: bool) -> PreparedData:
     docs = load_documents(data)
     cache = Path(data.cache_dir)
-    tokenizer = _cached_tokenizer(cache, tokenizer_key, tok, docs["train"], default_tokenizer_kind(data), progress)
+    tokenizer = _cached_tokenizer(cache, tokenizer_key, tok, texts(docs["train"]), default_tokenizer_kind(data), progress)
     dtype = token_dtype(tokenizer.vocab_size)
     cache.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{store.name}.", suffix=".tmp", dir=cache))
@@ -273,15 +303,17 @@ def _build(store: Path, tokenizer_key: str, kind: str, data: DataConfig, tok: To
                 # A seeded shuffle, so budgets of one seed are prefixes of each other (nested worlds).
                 order = np.random.default_rng(data.budget_seed).permutation(len(split_docs))
                 split_docs = [split_docs[i] for i in order]
-            stream = _write_split(tmp, name, split_docs, tokenizer, dtype, budget, progress)
-            if budget is not None and stream.n_tokens < budget:
+            splits[name] = _write_split(tmp, name, split_docs, tokenizer, dtype, budget, progress)
+            if budget is not None and splits[name]["n_tokens"] < budget:
                 raise DataeffError(
                     f"data.train_tokens={budget} is more than the training split of {corpus_name(data)!r} holds: "
-                    f"{stream.n_tokens} tokens with this tokenizer"
+                    f"{splits[name]['n_tokens']} tokens with this tokenizer"
                 )
-            splits[name] = _split_meta(stream)
         if data.synthetic is not None:
             splits["synthetic"] = _write_synthetic(tmp, data, splits["train"]["n_tokens"], tokenizer, dtype, progress)
+        if data.replay is not None:
+            replay = load_documents(_replay_config(data))["train"]
+            splits["replay"] = _write_split(tmp, "replay", replay, tokenizer, dtype, data.replay_tokens, progress)
         train_tokens = np.fromfile(tmp / "train.bin", dtype=dtype)
         meta = {
             "store_version": STORE_VERSION,
@@ -315,11 +347,17 @@ def training_stream(prepared: PreparedData) -> tuple[np.ndarray, np.ndarray]:
     """The tokens a run trains on and their document offsets: the training split, then (for sequence-level
     distillation or any synthetic corpus) the synthetic split's documents after the real ones."""
     train = prepared.split("train")
-    if "synthetic" not in prepared.splits:
+    if "synthetic" not in prepared.splits or prepared.meta["data"].get("synthetic_schedule") == "once":
         return train.tokens, train.doc_offsets
     syn = prepared.split("synthetic")
     return (np.concatenate([train.tokens, syn.tokens]),
             np.concatenate([train.doc_offsets, syn.doc_offsets[1:] + train.n_tokens]))
+
+
+def _replay_config(data: DataConfig) -> DataConfig:
+    """The replay corpus as a corpus of its own (its training split is what is replayed)."""
+    assert data.replay is not None
+    return DataConfig(corpus=data.replay, cache_dir=data.cache_dir, val_docs=1)
 
 
 def synthetic_tokens(real_tokens: int, share: float) -> int:
@@ -332,15 +370,18 @@ def _write_synthetic(directory: Path, data: DataConfig, real_tokens: int, tokeni
     """The synthetic split: the first D·s/(1-s) tokens of the synthetic corpus, so that s of a mixed epoch is
     synthetic while the real tokens are each seen once."""
     assert data.synthetic is not None
-    need = synthetic_tokens(real_tokens, data.synthetic_share)
     docs = read_path(data.synthetic, "auto", "blank_line", data.synthetic_field)
-    stream = _write_split(directory, "synthetic", docs, tokenizer, dtype, need, progress)
-    if stream.n_tokens < need:
+    if data.synthetic_schedule == "once":
+        # How much is seen depends on the run's epochs: the store keeps it all, the run takes what it needs.
+        return _write_split(directory, "synthetic", docs, tokenizer, dtype, None, progress)
+    need = synthetic_tokens(real_tokens, data.synthetic_share)
+    meta = _write_split(directory, "synthetic", docs, tokenizer, dtype, need, progress)
+    if meta["n_tokens"] < need:
         raise DataeffError(
-            f"data.synthetic={data.synthetic}: holds {stream.n_tokens} tokens; data.synthetic_share="
+            f"data.synthetic={data.synthetic}: holds {meta['n_tokens']} tokens; data.synthetic_share="
             f"{data.synthetic_share} of an epoch over {real_tokens} real tokens needs {need}"
         )
-    return _split_meta(stream)
+    return meta
 
 
 def fitness_split(prepared: PreparedData, data: DataConfig, n_tokens: int) -> TokenSplit:

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from dataeff.data.order import EpochOrder
 from dataeff.errors import DataeffError
 from dataeff.train.dist import autocast
 
@@ -43,6 +44,30 @@ def batches(
     for s, n in spans[len(full) :]:
         chunk = np.asarray(tokens[s : s + n + 1], dtype=np.int64)[None]
         yield torch.from_numpy(chunk[:, :-1]), torch.from_numpy(chunk[:, 1:])
+
+
+IGNORE = -100  # a target the loss skips (torch's default ignore_index)
+
+
+def masked_batches(
+    tokens: np.ndarray, doc_offsets: np.ndarray, mask: np.ndarray, seq_len: int, batch_size: int,
+    max_tokens: int | None = None,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(inputs, targets) of whole-document windows padded to ``seq_len`` (as ``train.shuffle=padded`` cuts them),
+    targets the loss skips set to :data:`IGNORE`; windows stop once ``max_tokens`` targets are covered."""
+    order = EpochOrder(tokens, doc_offsets, seq_len, seed=0, mode="padded", mask=mask)
+    picked, counted = [], 0
+    for k in range(order.n):
+        window, keep = order._window_at(k)
+        picked.append((window, keep))
+        counted += int(keep[1:].sum())
+        if max_tokens is not None and counted >= max_tokens:
+            break
+    for i in range(0, len(picked), batch_size):
+        chunk = picked[i : i + batch_size]
+        x = torch.from_numpy(np.stack([w[:-1] for w, _ in chunk]))
+        y = torch.from_numpy(np.stack([np.where(m[1:] > 0, w[1:], IGNORE) for w, m in chunk]))
+        yield x, y
 
 
 @torch.no_grad()
@@ -79,14 +104,23 @@ def evaluate(
     batch_size: int = 16,
     max_tokens: int | None = None,
     dtype: str = "bf16",
+    doc_offsets: np.ndarray | None = None,
+    mask: np.ndarray | None = None,
 ) -> EvalResult:
+    """Held-out metrics of ``tokens``; with a ``mask`` (conditional documents) only the targets it keeps count,
+    each scored in its own document's window."""
     was_training = model.training
     model.eval()
     nats, count = 0.0, 0
-    for x, y in batches(tokens, seq_len, batch_size, max_tokens):
+    if mask is not None:
+        assert doc_offsets is not None
+        windows = masked_batches(tokens, doc_offsets, mask, seq_len, batch_size, max_tokens)
+    else:
+        windows = batches(tokens, seq_len, batch_size, max_tokens)
+    for x, y in windows:
         nll = token_nll(model, x, y, dtype)
         nats += float(nll.double().sum())
-        count += nll.numel()
+        count += int((y != IGNORE).sum()) if mask is not None else nll.numel()
     model.train(was_training)
     if count == 0:
         raise DataeffError(f"evaluation: {len(tokens)} held-out tokens leave no target to score")

@@ -147,10 +147,13 @@ class Heldout:
     batch_size: int = 16
     max_tokens: int | None = None
     dtype: str = "bf16"
+    doc_offsets: np.ndarray | None = None
+    mask: np.ndarray | None = None  # of conditional documents: only the targets it keeps are scored
 
     def score(self, model: torch.nn.Module) -> EvalResult:
         return evaluate(model, self.tokens, n_bytes=self.n_bytes, n_words=self.n_words, seq_len=self.seq_len,
-                        batch_size=self.batch_size, max_tokens=self.max_tokens, dtype=self.dtype)
+                        batch_size=self.batch_size, max_tokens=self.max_tokens, dtype=self.dtype,
+                        doc_offsets=self.doc_offsets, mask=self.mask)
 
     def summarize(self, nll: torch.Tensor) -> EvalResult:
         """The metrics of per-token losses over the tokens :meth:`score` would score."""
@@ -161,6 +164,8 @@ class Heldout:
 def target_log_probs(model: torch.nn.Module, heldout: Heldout) -> torch.Tensor:
     """The model's log-probability of every target token of ``heldout``, flat, in the order of
     :func:`dataeff.evaluate.batches` (as float64 on the CPU)."""
+    if heldout.mask is not None:
+        raise DataeffError("snapshot ensembles score plain held-out text, not conditional documents")
     was_training = model.training
     model.eval()
     out = [-token_nll(model, x, y, heldout.dtype).flatten().double().cpu()

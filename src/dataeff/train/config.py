@@ -43,7 +43,9 @@ class TrainConfig:
     epochs: float = option(4.0, "passes over the token budget (fractional allowed)", above=0.0)
     batch_tokens: int = option(8192, "global batch size in tokens (a multiple of model.seq_len)", min=1)
     micro_batch_size: int = option(0, "sequences per forward pass per process (0: the whole per-process batch)", min=0)
-    shuffle: Literal["sequence", "document"] = option("sequence", "per-epoch reshuffle of sequences or of documents")
+    shuffle: Literal["sequence", "document", "padded"] = option(
+        "sequence", "per-epoch reshuffle of sequences, or of documents re-packed, or of padded windows that never mix "
+        "two documents (needed by conditional documents, data.prompt_field)")
     init_from: str = option(
         "scratch", "where the weights start: scratch (initialised with init_seed), a dataeff run directory (its "
         "final weights), or a Hugging Face Llama/Qwen3 checkpoint directory (hf:PATH or a path holding config.json); "

@@ -68,10 +68,10 @@ class Teacher:
         # The top-k cache is keyed by training window, so the trainer passes each sample's window.
         self.needs_window_ids = cache is not None
 
-    def __call__(self, model: torch.nn.Module, chunk: torch.Tensor, window_ids: np.ndarray | None
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
+                 window_ids: np.ndarray | None) -> tuple[torch.Tensor, torch.Tensor]:
         """The trainer's objective on a micro-batch of windows: (distillation loss, its cross-entropy part)."""
-        return self.loss(model(chunk[:, :-1]), chunk[:, 1:], chunk[:, :-1], window_ids)
+        return self.loss(model(inputs), targets, inputs, window_ids)
 
     def loss(self, logits: torch.Tensor, targets: torch.Tensor, inputs: torch.Tensor,
              window_ids: np.ndarray | None) -> tuple[torch.Tensor, torch.Tensor]:

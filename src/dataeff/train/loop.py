@@ -24,9 +24,10 @@ import torch.distributed as tdist
 from tqdm.auto import tqdm
 
 from dataeff.config import dump_yaml, to_dict
-from dataeff.data.order import EpochOrder
-from dataeff.data.tokens import PreparedData, TokenSplit, prepare, training_stream
+from dataeff.data.order import EpochOrder, OnceMix, Order, ReplayMix
+from dataeff.data.tokens import PreparedData, TokenSplit, prepare, synthetic_tokens, training_stream
 from dataeff.errors import DataeffError
+from dataeff.eval.loss import IGNORE
 from dataeff.fsutil import atomic_write_json
 from dataeff.model.config import ModelConfig, count_parameters, flops_per_token
 from dataeff.model.transformer import Transformer
@@ -56,7 +57,7 @@ class Plan:
     epochs: float  # the epochs the steps actually cover (the requested ones, to the nearest whole step)
 
 
-def make_plan(cfg: RunConfig, order: EpochOrder, world_size: int) -> Plan:
+def make_plan(cfg: RunConfig, order: Order, world_size: int) -> Plan:
     t = cfg.train
     seq_len = order.seq_len
     if t.batch_tokens < seq_len:
@@ -74,7 +75,7 @@ def make_plan(cfg: RunConfig, order: EpochOrder, world_size: int) -> Plan:
         raise DataeffError(f"train.micro_batch_size={micro} does not divide the {per_rank} sequences per process")
     if t.epochs <= 0:
         raise DataeffError(f"train.epochs={t.epochs} must be positive")
-    total = round(t.epochs * order.n / batch_seqs)
+    total = round(order.total_samples(t.epochs) / batch_seqs)
     if total < 1:
         # One step would already see more than the requested epochs: training it would misreport them.
         most = int(t.epochs * order.n) * seq_len
@@ -83,7 +84,7 @@ def make_plan(cfg: RunConfig, order: EpochOrder, world_size: int) -> Plan:
                            f"{max(most, seq_len)} or raise train.epochs")
     eval_every = t.eval_every or max(1, total // 10)
     return Plan(seq_len, batch_seqs, per_rank, micro, per_rank // micro, order.n, total, eval_every,
-                t.checkpoint_every or eval_every, epochs=total * batch_seqs / order.n)
+                t.checkpoint_every or eval_every, epochs=order.epochs_of(total * batch_seqs))
 
 
 def _prepare_on_rank0(cfg: RunConfig, info: dist.DistInfo) -> PreparedData:
@@ -164,24 +165,46 @@ class _Data:
 
     def heldout(self, t: Any, max_tokens: int | None) -> averaging.Heldout:
         return averaging.Heldout(self.val.tokens, self.val.n_bytes, self.val.n_words, self.plan.seq_len,
-                                 t.eval_batch_size, max_tokens, t.dtype)
+                                 t.eval_batch_size, max_tokens, t.dtype, self.val.doc_offsets, self.val.mask)
 
 
 class CrossEntropy:
-    """The plain language-modelling objective: the loss is the next-token cross-entropy."""
+    """The plain language-modelling objective: the loss is the next-token cross-entropy (over the targets the
+    data's mask keeps)."""
 
     needs_window_ids = False
 
-    def __call__(self, model: torch.nn.Module, chunk: torch.Tensor, window_ids: np.ndarray | None
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-        loss = model(chunk[:, :-1], chunk[:, 1:])
+    def __call__(self, model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
+                 window_ids: np.ndarray | None) -> tuple[torch.Tensor, torch.Tensor]:
+        loss = model(inputs, targets)
         return loss, loss
+
+
+def _order(cfg: RunConfig, prepared: PreparedData) -> Order:
+    """The training order: the training split (with a synthetic split every epoch, or its windows each seen once
+    among the real ones), and a share of sequences replaced by replay."""
+    d, t, seq_len = cfg.data, cfg.train, cfg.model.seq_len
+    train = prepared.split("train")
+    if train.mask is not None and (t.shuffle != "padded" or d.synthetic is not None or cfg.distill.teachers):
+        raise DataeffError("data.prompt_field (conditional documents) needs train.shuffle=padded, so that no window "
+                           "mixes two documents, and no synthetic mix or distillation")
+    tokens, doc_offsets = training_stream(prepared)
+    order: Order = EpochOrder(tokens, doc_offsets, seq_len, t.data_seed, t.shuffle, mask=train.mask)
+    if d.synthetic is not None and d.synthetic_schedule == "once":
+        syn = prepared.split("synthetic")
+        n_extra = round(synthetic_tokens(train.n_tokens, d.synthetic_share) * t.epochs / seq_len)
+        order = OnceMix(order, EpochOrder(syn.tokens, syn.doc_offsets, seq_len, t.data_seed, "sequence"), n_extra,
+                        t.epochs)
+    if d.replay is not None:
+        replay = prepared.split("replay")
+        order = ReplayMix(order, EpochOrder(replay.tokens, replay.doc_offsets, seq_len, t.data_seed, "sequence"),
+                          d.replay_rate, t.data_seed)
+    return order
 
 
 def _data(cfg: RunConfig, info: dist.DistInfo) -> _Data:
     prepared = _prepare_on_rank0(cfg, info)
-    tokens, doc_offsets = training_stream(prepared)
-    order = EpochOrder(tokens, doc_offsets, cfg.model.seq_len, cfg.train.data_seed, cfg.train.shuffle)
+    order = _order(cfg, prepared)
     return _Data(prepared, prepared.split("train"), prepared.split("val"), order, make_plan(cfg, order, info.world_size))
 
 
@@ -328,15 +351,19 @@ def _loop(cfg: RunConfig, run_dir: Path, data: _Data, model: Transformer, optimi
                 group["lr"] = lr * mult
         first = step * plan.batch_seqs + info.rank * plan.per_rank
         batch = torch.from_numpy(order.samples(first, plan.per_rank)).to(device)
+        targets = batch[:, 1:]
+        masks = order.target_masks(first, plan.per_rank)
+        if masks is not None:
+            targets = targets.masked_fill(~torch.from_numpy(masks).to(device), IGNORE)
         ids = order.window_ids(first, plan.per_rank) if objective.needs_window_ids else None
         loss_sum = torch.zeros((), device=device)
         ce_sum = torch.zeros((), device=device)
         for m in range(plan.accum):
-            chunk = batch[m * plan.micro : (m + 1) * plan.micro]
+            part = slice(m * plan.micro, (m + 1) * plan.micro)
             sync = m == plan.accum - 1 or not info.distributed
             ctx = contextlib.nullcontext() if sync else fwd_model.no_sync()  # type: ignore[operator]
             with ctx, dist.autocast(device, t.dtype):
-                loss, ce = objective(fwd_model, chunk, None if ids is None else ids[m * plan.micro : (m + 1) * plan.micro])
+                loss, ce = objective(fwd_model, batch[part, :-1], targets[part], None if ids is None else ids[part])
             (loss / plan.accum).backward()
             loss_sum += loss.detach()
             ce_sum += ce.detach()
@@ -414,6 +441,14 @@ def _finish(cfg: RunConfig, run_dir: Path, data: _Data, model: Transformer, opti
     return result
 
 
+def _synthetic_seen(data: _Data) -> int:
+    """Synthetic tokens the run trained on per epoch (joined to every epoch) or in all (each seen once)."""
+    order = data.order.main if isinstance(data.order, ReplayMix) else data.order
+    if isinstance(order, OnceMix):
+        return order.n_extra * data.plan.seq_len
+    return len(order.tokens) - data.train.n_tokens
+
+
 def _result(cfg: RunConfig, data: _Data, model: Transformer, final: dict[str, float], last_loss: float) -> dict[str, Any]:
     plan = data.plan
     tokens_per_step = plan.batch_seqs * plan.seq_len
@@ -426,7 +461,7 @@ def _result(cfg: RunConfig, data: _Data, model: Transformer, final: dict[str, fl
         "epochs_requested": cfg.train.epochs,
         "tokens_seen": plan.total_steps * tokens_per_step,
         "train_tokens": data.train.n_tokens,
-        "synthetic_tokens": len(data.order.tokens) - data.train.n_tokens,
+        "synthetic_tokens": _synthetic_seen(data),
         "params": params["total"],
         "non_embedding_params": params["non_embedding"],
         "flops": flops_per_token(model.cfg) * plan.total_steps * tokens_per_step,
