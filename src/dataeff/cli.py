@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -140,6 +141,46 @@ def _sample_config() -> type:
     return SampleConfig
 
 
+def _warned(run: Callable[[], Any]) -> Any:
+    """Run ``run``, printing its warnings as ``dataeff: warning: ...`` lines rather than Python's format."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = run()
+    for w in caught:
+        print(f"dataeff: warning: {w.message}", file=sys.stderr)
+    return result
+
+
+def _embed(cfg: Any) -> None:
+    from dataeff.synth.embed import embed
+
+    embeddings = _warned(lambda: embed(cfg))
+    print(json.dumps({"embeddings": str(embeddings.directory), "n_docs": len(embeddings), "dim": embeddings.dim,
+                      "truncated": int(embeddings.truncated.sum()),
+                      "short": int((embeddings.n_words < cfg.min_words).sum())}, indent=2))
+
+
+def _embed_config() -> type:
+    from dataeff.synth.embed import EmbedConfig
+
+    return EmbedConfig
+
+
+def _pairs(cfg: Any) -> None:
+    from dataeff.synth.neighbors import pairs, read_pairs
+
+    out = _warned(lambda: pairs(cfg))
+    _, stats = read_pairs(out)
+    keys = ("n_pairable", "n_docs_with_pair", "n_pairs", "n_mutual_pairs", "near_duplicates", "index")
+    print(json.dumps({"pairs": str(out / "pairs.parquet"), **{k: stats[k] for k in keys}}, indent=2))
+
+
+def _pairs_config() -> type:
+    from dataeff.synth.neighbors import PairsConfig
+
+    return PairsConfig
+
+
 COMMANDS = [
     Command("prepare", "tokenize a corpus into a content-addressed token store", _run_config, _prepare),
     Command("train", "train a model on a fixed token budget (resumes if interrupted)", _run_config, _train),
@@ -154,6 +195,10 @@ COMMANDS = [
             _tasks_config, _tasks, "run_dir"),
     Command("sample", "generate text from a run or an ensemble (e.g. for sequence-level distillation)",
             _sample_config, _sample, "run_dir"),
+    Command("embed", "embed a token store's documents as unit vectors (sentence-transformers or a run), cached in shards",
+            _embed_config, _embed),
+    Command("pairs", "nearest-neighbour document pairs above a similarity threshold, near-duplicates removed (SBP)",
+            _pairs_config, _pairs),
 ]
 
 

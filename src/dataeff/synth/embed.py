@@ -349,9 +349,10 @@ def identity(cfg: EmbedConfig, prepared: PreparedData | None = None) -> dict[str
     }
 
 
-def _same(a: dict[str, Any], b: dict[str, Any]) -> bool:
+def same_identity(a: dict[str, Any], b: dict[str, Any]) -> bool:
     def key(x: dict[str, Any]) -> tuple[Any, ...]:
-        return (x["format"], x["version"], x["store"], x["model"]["kind"], x["model"]["sha256"], x["window"], x["dtype"])
+        return (x["format"], x["version"], x["store"]["name"], x["store"]["split"], x["model"]["kind"],
+                x["model"]["sha256"], x["window"], x["dtype"])
 
     return key(a) == key(b)
 
@@ -399,7 +400,7 @@ def plan_shards(cfg: EmbedConfig) -> ShardPlan:
     directory = _directory(cfg, ident)
     if (directory / "manifest.json").exists():
         manifest = read_manifest(directory)
-        if not _same(manifest, ident):
+        if not same_identity(manifest, ident):
             raise DataeffError(f"embed: {directory} holds embeddings of {describe(manifest)}; this config asks for "
                                f"{describe(ident)}; set embed.out elsewhere or delete it")
         return ShardPlan(directory, manifest)
@@ -461,7 +462,8 @@ def first_chunks(texts: list[str], encoder: Encoder, window: int) -> tuple[list[
             else:  # no whitespace yet: a cut here could split a token
                 retry.append(t)
         counted = whole + cut
-        n_tokens = dict(zip(counted, encoder.count_tokens([chunks[t] for t in counted]), strict=True))
+        counts = encoder.count_tokens([chunks[t] for t in counted]) if counted else []
+        n_tokens = dict(zip(counted, counts, strict=True))
         for t in whole:
             truncated[t] = n_tokens[t] > window
         for t in cut:
