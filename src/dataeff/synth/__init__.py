@@ -1,5 +1,4 @@
-"""Synthetic-data producers: embedding and pairing documents (SBP), and the generators that build on them.
-
-Producers write file formats (embedding shards, pair tables, JSONL corpora with a ``text`` field plus
-provenance); training reads only those formats, never this package.
+"""Synthetic data: producers that write JSONL corpora (a "text" field plus provenance fields), and the tools that
+measure and clean them (near-duplicate detection, quality metrics). Training never imports this package; it reads
+the corpora through ``data.synthetic``.
 """
