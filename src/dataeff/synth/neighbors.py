@@ -7,8 +7,8 @@ by inner product of unit embeddings (cosine similarity). The search is exact (fa
 ``alpha``; pairs are then dropped as near-duplicates, counted by reason:
 
 - ``similarity``: similarity above ``dup_similarity`` (near-identical meaning: copying, not a new document);
-- ``text``: the texts' shingle Jaccard similarity above ``jaccard`` (MinHash estimate confirmed by the exact
-  Jaccard, :class:`dataeff.synth.dedup.NearDup`).
+- ``text``: the texts' word-shingle Jaccard similarity at least ``jaccard`` (an LSH band match of MinHash
+  signatures confirmed by the true Jaccard, as :class:`dataeff.synth.dedup.NearDup` decides).
 
 Output, written to a temporary directory and renamed into place (so a directory that exists is complete):
 
@@ -71,7 +71,7 @@ class PairsConfig:
     k: int = option(10, "neighbours searched per document")
     alpha: float = option(0.75, "keep neighbours whose similarity (cosine) is above this")
     dup_similarity: float = option(0.97, "drop pairs above this similarity as near-duplicates")
-    jaccard: float = option(0.8, "drop pairs whose texts' word-shingle Jaccard similarity is above this")
+    jaccard: float = option(0.8, "drop pairs whose texts' word-shingle Jaccard similarity is at least this")
     ngram: int = option(5, "words per shingle for the text near-duplicate check")
     num_perm: int = option(128, "MinHash permutations for the text near-duplicate check")
     seed: int = option(0, "MinHash seed")
@@ -93,7 +93,7 @@ class PairsConfig:
         if not -1.0 <= self.alpha < 1.0:
             raise ValueError(f"alpha must be in [-1, 1), got {self.alpha}")
         if not self.alpha < self.dup_similarity <= 1.0:
-            raise ValueError(f"dup_similarity must be in (alpha, 1], got {self.dup_similarity}")
+            raise ValueError(f"dup_similarity={self.dup_similarity} must be above alpha={self.alpha} and at most 1")
         if not 0.0 < self.jaccard <= 1.0:
             raise ValueError(f"jaccard must be in (0, 1], got {self.jaccard}")
         for name in ("ngram", "num_perm", "hnsw_m", "hnsw_ef_construction", "hnsw_ef_search", "ivf_nprobe"):
@@ -224,10 +224,36 @@ def no_pairs_message(best: np.ndarray, alpha: float, n_docs: int) -> str:
             + (f" ({keeps} documents with a pair); lower alpha" if keeps else "; lower alpha"))
 
 
-def _text_duplicate_checker(cfg: PairsConfig) -> Callable[[str, str], bool]:
-    from dataeff.synth.dedup import NearDup
+class TextDuplicates:
+    """:meth:`dataeff.synth.dedup.NearDup.pair_is_duplicate` for pairs of documents, with each document's
+    MinHash signature and shingle set computed once rather than once per pair it is in.
 
-    return NearDup(threshold=cfg.jaccard, ngram=cfg.ngram, num_perm=cfg.num_perm, seed=cfg.seed).pair_is_duplicate
+    The verdict is NearDup's: the signatures agree on a whole LSH band and the true Jaccard of the shingle
+    sets is at least τ (tests check the two agree).
+    """
+
+    def __init__(self, text: Callable[[int], str], threshold: float, ngram: int, num_perm: int, seed: int):
+        from dataeff.synth.dedup import NearDup
+
+        self.near_dup = NearDup(threshold=threshold, ngram=ngram, num_perm=num_perm, seed=seed)
+        self.text = text
+        self._docs: dict[int, tuple[np.ndarray, frozenset[int]]] = {}
+
+    def _doc(self, d: int) -> tuple[np.ndarray, frozenset[int]]:
+        from dataeff.synth.dedup import shingles
+
+        if d not in self._docs:
+            text = self.text(d)
+            band = self.near_dup.bands * self.near_dup.rows
+            self._docs[d] = (self.near_dup.signature(text).hashvalues[:band], shingles(text, self.near_dup.config.ngram))
+        return self._docs[d]
+
+    def __call__(self, a: int, b: int) -> bool:
+        from dataeff.synth.dedup import jaccard
+
+        (sig_a, sh_a), (sig_b, sh_b) = self._doc(a), self._doc(b)
+        same_band = (sig_a == sig_b).reshape(self.near_dup.bands, self.near_dup.rows).all(axis=1).any()
+        return bool(same_band) and jaccard(sh_a, sh_b) >= self.near_dup.config.threshold
 
 
 def find_pairs(
@@ -235,7 +261,6 @@ def find_pairs(
     pairable: np.ndarray,
     cfg: PairsConfig,
     text: Callable[[int], str],
-    is_duplicate: Callable[[str, str], bool] | None = None,
 ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """Pairs of documents among the rows of ``x`` (unit vectors) whose ``pairable`` flag is set.
 
@@ -259,28 +284,20 @@ def find_pairs(
     sim, rnk = sims[rows], rank[rows]
 
     too_similar = sim > cfg.dup_similarity
-    is_duplicate = is_duplicate or _text_duplicate_checker(cfg)
+    is_duplicate = TextDuplicates(text, cfg.jaccard, cfg.ngram, cfg.num_perm, cfg.seed)
     verdicts: dict[tuple[int, int], bool] = {}
-    texts: dict[int, str] = {}
-
-    def text_of(d: int) -> str:
-        if d not in texts:
-            texts[d] = text(d)
-        return texts[d]
-
     text_dup = np.zeros(len(i), dtype=bool)
-    todo = np.flatnonzero(~too_similar)
-    for t in tqdm(todo, desc="near-duplicates", unit="pair", disable=not cfg.progress):
+    for t in tqdm(np.flatnonzero(~too_similar), desc="near-duplicates", unit="pair", disable=not cfg.progress):
         a, b = int(i[t]), int(j[t])
         key = (min(a, b), max(a, b))  # one verdict for both directions: the check is symmetric
         if key not in verdicts:
-            verdicts[key] = bool(is_duplicate(text_of(a), text_of(b)))
+            verdicts[key] = is_duplicate(a, b)
         text_dup[t] = verdicts[key]
     kept = ~too_similar & ~text_dup
     if not kept.any():
         raise DataeffError(f"pairs: all {len(i)} neighbours above alpha={cfg.alpha} are near-duplicates "
                            f"({int(too_similar.sum())} by similarity > {cfg.dup_similarity}, {int(text_dup.sum())} "
-                           f"by text Jaccard > {cfg.jaccard}); nothing is left to pair")
+                           f"by text Jaccard ≥ {cfg.jaccard}); nothing is left to pair")
     columns = {"i": i[kept].astype(np.int64), "j": j[kept].astype(np.int64),
                "similarity": sim[kept].astype(np.float32), "rank": rnk[kept].astype(np.int16)}
     edges = set(zip(columns["i"].tolist(), columns["j"].tolist(), strict=True))
