@@ -82,7 +82,8 @@ def _run_dir(path: Path, store: PreparedData, seed: int = 0) -> Path:
     return path
 
 
-def test_packaged_model_vectors_are_unit_and_equal_sentence_transformers(store: PreparedData, tmp_path: Path) -> None:
+def test_packaged_model_vectors_are_unit_and_equal_sentence_transformers(tmp_path: Path) -> None:
+    store = _store(tmp_path / "small", n=24)
     cfg = _cfg(store, tmp_path)
     with pytest.warns(EmbedWarning) as caught:
         e = embed(cfg)
