@@ -43,6 +43,7 @@ from tqdm.auto import tqdm
 
 from dataeff.config import option, section, to_dict
 from dataeff.errors import DataeffError
+from dataeff.synth.dedup import NearDup, jaccard, shingles
 from dataeff.synth.embed import (
     EmbedConfig,
     Embeddings,
@@ -216,12 +217,12 @@ def _histogram(values: np.ndarray) -> dict[str, list[float] | list[int]]:
 
 def no_pairs_message(best: np.ndarray, alpha: float, n_docs: int) -> str:
     """Why α kept nothing, with the distribution of each document's best neighbour so α can be chosen."""
-    q = np.quantile(best, (0.5, 0.9, 0.99, 1.0)) if len(best) else np.zeros(4)
-    ladder = [a for a in np.round(np.quantile(best, (0.5, 0.75, 0.9)), 2)] if len(best) else []
-    keeps = ", ".join(f"alpha={a:.2f} keeps {int((best > a).sum())}" for a in sorted(set(ladder)))
+    q = np.quantile(best, (0.5, 0.9, 0.99, 1.0))
+    ladder = sorted(set(np.round(np.quantile(best, (0.5, 0.75, 0.9)), 2).tolist()))
+    keeps = ", ".join(f"alpha={a:.2f} keeps {int((best > a).sum())}" for a in ladder)
     return (f"pairs: no neighbour has similarity above alpha={alpha}; of {n_docs} pairable documents, the best "
-            f"neighbour's similarity has median {q[0]:.3f}, p90 {q[1]:.3f}, p99 {q[2]:.3f}, max {q[3]:.3f}"
-            + (f" ({keeps} documents with a pair); lower alpha" if keeps else "; lower alpha"))
+            f"neighbour's similarity has median {q[0]:.3f}, p90 {q[1]:.3f}, p99 {q[2]:.3f}, max {q[3]:.3f} "
+            f"({keeps} documents with a pair); lower alpha")
 
 
 class TextDuplicates:
@@ -233,15 +234,11 @@ class TextDuplicates:
     """
 
     def __init__(self, text: Callable[[int], str], threshold: float, ngram: int, num_perm: int, seed: int):
-        from dataeff.synth.dedup import NearDup
-
         self.near_dup = NearDup(threshold=threshold, ngram=ngram, num_perm=num_perm, seed=seed)
         self.text = text
         self._docs: dict[int, tuple[np.ndarray, frozenset[int]]] = {}
 
     def _doc(self, d: int) -> tuple[np.ndarray, frozenset[int]]:
-        from dataeff.synth.dedup import shingles
-
         if d not in self._docs:
             text = self.text(d)
             band = self.near_dup.bands * self.near_dup.rows
@@ -249,8 +246,6 @@ class TextDuplicates:
         return self._docs[d]
 
     def __call__(self, a: int, b: int) -> bool:
-        from dataeff.synth.dedup import jaccard
-
         (sig_a, sh_a), (sig_b, sh_b) = self._doc(a), self._doc(b)
         same_band = (sig_a == sig_b).reshape(self.near_dup.bands, self.near_dup.rows).all(axis=1).any()
         return bool(same_band) and jaccard(sh_a, sh_b) >= self.near_dup.config.threshold
