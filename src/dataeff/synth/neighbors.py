@@ -353,6 +353,9 @@ def _figure(stats: dict[str, Any], path: Path) -> None:
         ax.stairs(hist["counts"], hist["edges"], label=label, fill=key == "pair_similarity", alpha=0.6)
     ax.axvline(stats["alpha"], color="k", linestyle="--", label=f"alpha {stats['alpha']}")
     ax.axvline(stats["dup_similarity"], color="r", linestyle=":", label=f"duplicate {stats['dup_similarity']}")
+    lowest = stats["neighbour_similarity"]["quantiles"]["p00"]
+    ax.set_xlim(max(-1.0, lowest - 0.05), 1.0)
+    ax.set_yscale("log")  # the kept pairs are often a small tail of all neighbours
     ax.set_xlabel("cosine similarity")
     ax.set_ylabel("neighbours")
     ax.set_title(f"{stats['n_pairs']} pairs, {stats['n_docs_with_pair']} of {stats['n_pairable']} documents paired")
@@ -377,8 +380,7 @@ def pairs(cfg: PairsConfig) -> Path:
     x = np.asarray(embeddings, dtype=np.float32)
     columns, stats = find_pairs(x, embeddings.n_words >= cfg.embed.min_words, cfg,
                                 lambda d: document_text(split, prepared.tokenizer, d))
-    stats = {"embeddings": {**embeddings.identity, "directory": str(embeddings.directory.resolve()),
-                            "store_path": embeddings.manifest["store"].get("path")},
+    stats = {"embeddings": {**embeddings.identity, "directory": str(embeddings.directory.resolve())},
              "settings": settings, "min_words": cfg.embed.min_words, **stats}
     _write(out, columns, stats)
     return out
@@ -394,11 +396,18 @@ def _write(out: Path, columns: dict[str, np.ndarray], stats: dict[str, Any]) -> 
         pq.write_table(pa.table(columns), tmp / "pairs.parquet")
         (tmp / "pair_stats.json").write_text(json.dumps(stats, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         _figure(stats, tmp / "pair_similarity.png")
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; the result should be like any directory
         if out.exists():
             shutil.rmtree(out)  # no pair_stats.json: left by something else, never by a finished run
         os.rename(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def read_pairs(directory: str | Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
