@@ -218,7 +218,7 @@ def test_window_beyond_the_model_and_cli(store: PreparedData, tmp_path: Path, ca
     run = _run_dir(tmp_path / "run", store)
     with pytest.raises(DataeffError, match="max_tokens=65 exceeds the 64 tokens"):
         plan_shards(_cfg(store, tmp_path, model=f"run:{run}", max_tokens=65))
-    code = main(["embed", f"store={store.path}", f"model=run:{run}", f"cache_dir={tmp_path / 'c'}", "progress=false"])
+    code = main(["embed", str(store.path), f"model=run:{run}", f"cache_dir={tmp_path / 'c'}", "progress=false"])
     assert code == 0
     out = json.loads(capsys.readouterr().out)
     assert out["n_docs"] == store.split("train").n_docs and out["dim"] == 32

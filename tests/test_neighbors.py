@@ -233,7 +233,9 @@ def test_pairs_cli(world: tuple[PreparedData, EmbedConfig], capsys: pytest.Captu
     args = [f"embed.{k}={v}" for k, v in (("store", embed_cfg.store), ("model", embed_cfg.model),
                                           ("cache_dir", embed_cfg.cache_dir), ("progress", "false"))]
     assert main(["pairs", *args, "k=100", "progress=false"]) == 1
-    assert capsys.readouterr().err.startswith("dataeff: error: pairs: k=100 neighbours per document needs more than")
+    err = capsys.readouterr().err
+    assert err.startswith("dataeff: error: pairs: k=100 neighbours per document needs more than")
+    assert err.count("\n") == 1 and not [p for p in Path(embed_cfg.cache_dir).rglob("*") if "pairs-" in p.name]
     assert main(["pairs", *args, "k=3", "alpha=0.0", "dup_similarity=1.0", "progress=false"]) == 0
     captured = capsys.readouterr()
     assert json.loads(captured.out)["n_pairs"] > 0

@@ -196,7 +196,7 @@ COMMANDS = [
     Command("sample", "generate text from a run or an ensemble (e.g. for sequence-level distillation)",
             _sample_config, _sample, "run_dir"),
     Command("embed", "embed a token store's documents as unit vectors (sentence-transformers or a run), cached in shards",
-            _embed_config, _embed),
+            _embed_config, _embed, "store"),
     Command("pairs", "nearest-neighbour document pairs above a similarity threshold, near-duplicates removed (SBP)",
             _pairs_config, _pairs),
 ]

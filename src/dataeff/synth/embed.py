@@ -84,7 +84,8 @@ class EmbedConfig:
                                           "model's max_seq_length, or a run's context length)")
     min_words: int = option(8, "documents with fewer whitespace words are reported as too short to pair")
     batch_size: int = option(64, "documents per forward pass")
-    shard_size: int = option(4096, "documents per shard, the unit of resumption and of parallel work")
+    shard_size: int = option(4096, "documents per shard, the unit of resumption and of parallel work (an "
+                                   "existing embeddings directory keeps the size it was planned with)")
     device: str = option("auto", "auto, cpu, cuda or mps")
     dtype: Dtype = option("fp32", "compute dtype: fp32, bf16 or fp16 (the cache stores float16 either way)")
     cache_dir: str = option("cache/embeddings", "where embedding directories are kept, one per identity")
