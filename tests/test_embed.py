@@ -223,3 +223,13 @@ def test_window_beyond_the_model_and_cli(store: PreparedData, tmp_path: Path, ca
     out = json.loads(capsys.readouterr().out)
     assert out["n_docs"] == store.split("train").n_docs and out["dim"] == 32
     assert load_embeddings(out["embeddings"]).manifest["store"]["name"] == load_prepared(store.path).path.name
+
+
+def test_a_malformed_shard_is_refused(store: PreparedData, tmp_path: Path) -> None:
+    cfg = _cfg(store, tmp_path, model=f"run:{_run_dir(tmp_path / 'run', store)}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", EmbedWarning)
+        e = embed(cfg)
+    np.save(e.directory / "shard_00001.npy", np.zeros((3, 32), dtype=np.float32))
+    with pytest.raises(DataeffError, match=r"shard_00001.npy: holds float32 \(3, 32\), expected float16 with 16 rows"):
+        load_embeddings(e.directory)
