@@ -233,28 +233,35 @@ def no_pairs_message(best: np.ndarray, alpha: float, n_docs: int) -> str:
 
 class TextDuplicates:
     """:meth:`dataeff.synth.dedup.NearDup.pair_is_duplicate` for pairs of documents, with each document's
-    MinHash signature and shingle set computed once rather than once per pair it is in.
+    shingle set and MinHash signature computed once rather than once per pair it is in.
 
-    The verdict is NearDup's: the signatures agree on a whole LSH band and the true Jaccard of the shingle
-    sets is at least τ (tests check the two agree).
+    The verdict is NearDup's: the true Jaccard of the shingle sets is at least τ and the signatures agree on
+    a whole LSH band (tests check the two agree). Jaccard comes first, as it is the cheaper test and most
+    neighbours are not duplicates; a signature is only computed for a document in a pair that passes it.
     """
 
     def __init__(self, text: Callable[[int], str], threshold: float, ngram: int, num_perm: int, seed: int):
         self.near_dup = NearDup(threshold=threshold, ngram=ngram, num_perm=num_perm, seed=seed)
         self.text = text
-        self._docs: dict[int, tuple[np.ndarray, frozenset[int]]] = {}
+        self._shingles: dict[int, frozenset[int]] = {}
+        self._bands: dict[int, np.ndarray] = {}
 
-    def _doc(self, d: int) -> tuple[np.ndarray, frozenset[int]]:
-        if d not in self._docs:
-            text = self.text(d)
-            band = self.near_dup.bands * self.near_dup.rows
-            self._docs[d] = (self.near_dup.signature(text).hashvalues[:band], shingles(text, self.near_dup.config.ngram))
-        return self._docs[d]
+    def _shingles_of(self, d: int) -> frozenset[int]:
+        if d not in self._shingles:
+            self._shingles[d] = shingles(self.text(d), self.near_dup.config.ngram)
+        return self._shingles[d]
+
+    def _bands_of(self, d: int) -> np.ndarray:
+        if d not in self._bands:
+            bands, rows = self.near_dup.bands, self.near_dup.rows
+            values = self.near_dup.signature(self.text(d)).hashvalues[: bands * rows]
+            self._bands[d] = values.reshape(bands, rows)
+        return self._bands[d]
 
     def __call__(self, a: int, b: int) -> bool:
-        (sig_a, sh_a), (sig_b, sh_b) = self._doc(a), self._doc(b)
-        same_band = (sig_a == sig_b).reshape(self.near_dup.bands, self.near_dup.rows).all(axis=1).any()
-        return bool(same_band) and jaccard(sh_a, sh_b) >= self.near_dup.config.threshold
+        if jaccard(self._shingles_of(a), self._shingles_of(b)) < self.near_dup.config.threshold:
+            return False
+        return bool((self._bands_of(a) == self._bands_of(b)).all(axis=1).any())
 
 
 def find_pairs(
