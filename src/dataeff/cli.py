@@ -197,6 +197,36 @@ def _llm_config() -> type:
     return LLMJobConfig
 
 
+def _embed(cfg: Any) -> None:
+    from dataeff.synth.embed import embed
+
+    embeddings = embed(cfg)
+    print(json.dumps({"embeddings": str(embeddings.directory), "n_docs": len(embeddings), "dim": embeddings.dim,
+                      "truncated": int(embeddings.truncated.sum()),
+                      "short": int((embeddings.n_words < cfg.min_words).sum())}, indent=2))
+
+
+def _embed_config() -> type:
+    from dataeff.synth.embed import EmbedConfig
+
+    return EmbedConfig
+
+
+def _pairs(cfg: Any) -> None:
+    from dataeff.synth.neighbors import pairs, read_pairs
+
+    out = pairs(cfg)
+    _, stats = read_pairs(out)
+    keys = ("n_pairable", "n_docs_with_pair", "n_pairs", "n_mutual_pairs", "near_duplicates", "index")
+    print(json.dumps({"pairs": str(out / "pairs.parquet"), **{k: stats[k] for k in keys}}, indent=2))
+
+
+def _pairs_config() -> type:
+    from dataeff.synth.neighbors import PairsConfig
+
+    return PairsConfig
+
+
 COMMANDS = [
     Command("prepare", "tokenize a corpus into a content-addressed token store", _run_config, _prepare),
     Command("train", "train a model on a fixed token budget (resumes if interrupted)", _run_config, _train),
@@ -220,6 +250,12 @@ COMMANDS = [
             _serve_config, _serve, "model"),
     Command("llm", "send a JSONL file of chat requests through the generation client (cached, resumable, budgeted)",
             _llm_config, _llm, "requests"),
+
+
+    Command("embed", "embed a token store's documents as unit vectors (sentence-transformers or a run), cached in shards",
+            _embed_config, _embed, "store"),
+    Command("pairs", "nearest-neighbour document pairs above a similarity threshold, near-duplicates removed (SBP)",
+            _pairs_config, _pairs),
 ]
 
 
@@ -276,6 +312,7 @@ _python_show_warning = warnings.showwarning
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     warnings.showwarning = _show_warning
+    warnings.simplefilter("always", DataeffWarning)
     parser = build_parser(next((a for a in argv if not a.startswith("-")), None))
     ns = parser.parse_args(argv)
     cmd = next(c for c in COMMANDS if c.name == ns.command)
