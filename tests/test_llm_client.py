@@ -21,7 +21,7 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 def config(url: str, tmp_path: Path, **over: object) -> LLMConfig:
     base: dict[str, object] = {
         "base_url": url, "model": "m", "api_key_env": "", "cache": str(tmp_path / "cache.sqlite"), "max_retries": 2,
-        "backoff_initial": 0.01, "backoff_max": 0.05, "backoff_jitter": 0.01, "timeout": 5.0, "connect_timeout": 1.0,
+        "backoff_initial": 0.01, "backoff_max": 0.05, "backoff_jitter": 0.01, "timeout": 10.0, "connect_timeout": 5.0,
         "progress": False, "concurrency": 4,
     }
     return LLMConfig(**{**base, **over})  # type: ignore[arg-type]
