@@ -14,8 +14,8 @@ from dataeff.ensemble import Ensemble
 from dataeff.errors import DataeffError
 from dataeff.fsutil import read_jsonl
 from dataeff.model import ModelConfig, Transformer
-from dataeff.sample import SampleConfig, _next_tokens, generate, sample
-from dataeff.tokenizer import train_word
+from dataeff.sample import SampleConfig, _next_tokens, generate, sample, slide_keep
+from dataeff.tokenizer import Tokenizer, train_word
 
 VOCAB = 61
 CONFIGS = {
@@ -52,6 +52,22 @@ def _uncached(log_probs, prompts: list[list[int]], n: int, temperature: float = 
     with torch.no_grad():
         for _ in range(n):
             tok = _next_tokens(log_probs(seqs)[:, -1], temperature, top_k, top_p, g)
+            seqs = torch.cat([seqs, tok[:, None]], dim=1)
+    return seqs[:, len(prompts[0]) :].tolist()
+
+
+def _uncached_slid(log_probs, prompts: list[list[int]], n: int, window: int, temperature: float = 0.0,
+                   seed: int = 0) -> list[list[int]]:
+    """The sliding-window rule recomputed from scratch: every token is predicted by a full forward pass over
+    the window, which starts at 0 and, whenever it would exceed ``window`` tokens, jumps to the newest
+    ``slide_keep(window)``."""
+    g = torch.Generator().manual_seed(seed)
+    seqs, start = torch.tensor(prompts), 0
+    with torch.no_grad():
+        for _ in range(n):
+            if seqs.shape[1] - start > window:
+                start = seqs.shape[1] - slide_keep(window)
+            tok = _next_tokens(log_probs(seqs[:, start:])[:, -1], temperature, 0, 1.0, g)
             seqs = torch.cat([seqs, tok[:, None]], dim=1)
     return seqs[:, len(prompts[0]) :].tolist()
 
@@ -176,6 +192,30 @@ def test_hf_generate_greedy_parity() -> None:
         assert _gen(model, prompts, 12) == theirs[:, x.shape[1] :].tolist()
 
 
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_sliding_window_equals_full_recompute_of_the_same_rule(name: str) -> None:
+    model = _model(**CONFIGS[name])  # type: ignore[arg-type]
+    # 3 x 24 new tokens slide the 24-token window several times; a 30-token prompt starts already slid.
+    prompts = [[1, 2, 3], list(range(1, 31)), [5]]
+    expected = [_uncached_slid(_single(model), [p], 70, window=24)[0] for p in prompts]
+    assert _gen(model, prompts, 70, slide=True) == expected
+    # Sampling draws the same tokens as the reference of the same rule and seed.
+    batch = [[1, 2, 3], [4, 5, 6]]
+    assert _gen(model, batch, 50, slide=True, temperature=1.0, seed=3) == _uncached_slid(
+        _single(model), batch, 50, window=24, temperature=1.0, seed=3)
+
+
+def test_sliding_ensemble_and_short_requests() -> None:
+    members = [_model(seed=1, scale=0.1), _model(seed=2, scale=0.1, **CONFIGS["untied-gqa"])]  # type: ignore[arg-type]
+    ensemble = Ensemble(members, "prob")  # type: ignore[arg-type]
+    prompts = [[1, 2], [3, 4]]
+    assert _gen(ensemble, prompts, 40, slide=True, batch_size=8) == _uncached_slid(ensemble.log_probs, prompts, 40, 24)
+    # A request that fits never slides: the same tokens as without slide.
+    model = members[0]
+    assert _gen(model, PROMPTS, 10, slide=True) == _gen(model, PROMPTS, 10)
+    assert slide_keep(24) == 18 and slide_keep(2) == 1 and slide_keep(1) == 1
+
+
 def test_generate_refuses_bad_requests() -> None:
     model = _model()
     cases = [
@@ -271,3 +311,17 @@ def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["sample", str(run), "temperature=-1"]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "sample.temperature: -1.0" in err
+
+
+def test_teacher_corpus_documents_outgrow_the_context(tmp_path: Path) -> None:
+    from dataeff.experiment.stages.distillation import TeacherSampleConfig, sample_teacher
+
+    run = _run_dir(tmp_path, "run", ["cat", "dog", "sat", "ran", "on", "mat"])
+    out = tmp_path / "job"
+    out.mkdir()
+    cfg = TeacherSampleConfig(members=[str(run), str(run)], combine="prob", tokens=600, max_tokens=40,
+                              temperature=1.0, batch=16, seed=0, device="cpu", dtype="fp32")
+    stats = sample_teacher(cfg, out)
+    tokenizer = Tokenizer.load(run / "tokenizer.json")
+    lengths = [len(tokenizer.encode(r["text"])) for r in read_jsonl(out / "samples.jsonl")]
+    assert stats["tokens"] >= 600 and max(lengths) > 16 and max(lengths) <= 40  # the teacher's context is 16

@@ -2,10 +2,18 @@
 sequence-level distillation, where a student trains on documents sampled from a teacher (ensemble).
 
 Decoding is batched and KV-cached. The model keeps one position counter per cache, so rows of a batch must
-share their prompt length: prompts are grouped by length and each group decodes as its own batches. A
-prompt plus its new tokens must fit the model's context; a longer request is refused, never truncated or
-slid. An ensemble keeps one cache per member and samples each token from the members' combined
-distribution (:func:`dataeff.ensemble.combine_log_probs`, the probability mixture by default).
+share their prompt length: prompts are grouped by length and each group decodes as its own batches. An
+ensemble keeps one cache per member and samples each token from the members' combined distribution
+(:func:`dataeff.ensemble.combine_log_probs`, the probability mixture by default).
+
+By default a prompt plus its new tokens must fit the model's context of ``seq_len`` tokens, and a longer
+request is refused, never truncated. With ``slide=True`` generation goes on past the context with a sliding
+window: the model always sees a window of at most ``seq_len`` tokens that starts at position 0, as in
+training; when the next prediction would need ``seq_len + 1`` tokens, the window drops its oldest tokens and
+keeps the newest :func:`slide_keep` (three quarters of the context), whose cache is rebuilt by one prefill.
+A prompt longer than the context starts from its last ``slide_keep`` tokens. Rebuilding every quarter of a
+context, rather than at every token, keeps the cost of a step near that of plain decoding while every
+prediction still sees at least three quarters of a context of the text before it.
 
 ``dtype="bf16"`` computes as ``torch.autocast`` does in training and evaluation: bf16 matmuls, an fp32
 residual stream, fp32 RoPE, softmax and log-probabilities.
@@ -44,7 +52,10 @@ class SampleConfig:
     prompts: list[str] = option([""], "prompts; each starts a new document, and an empty one samples unconditionally")
     prompt_file: str | None = option(None, "read prompts from this file instead, one per line")
     max_tokens: int | None = option(None, "new tokens per sample at most; with the prompt they must fit the model's "
-                                          "context (default: as many as fit after the longest prompt)")
+                                          "context unless slide is on (default: as many as fit after the longest "
+                                          "prompt; with slide, one context's worth)")
+    slide: bool = option(False, "generate past the model's context with a sliding window (the newest three "
+                                "quarters of a context are kept when it slides)")
     temperature: float = option(1.0, "softmax temperature; 0 is greedy decoding")
     top_k: int = option(0, "sample among the k most likely tokens only (0: all)")
     top_p: float = option(1.0, "sample among the most likely tokens holding this much probability (1: all)")
@@ -218,6 +229,11 @@ def _next_tokens(logits: torch.Tensor, temperature: float, top_k: int, top_p: fl
     return torch.searchsorted(cdf, target, right=True).squeeze(-1)
 
 
+def slide_keep(seq_len: int) -> int:
+    """Tokens a sliding window keeps when it slides: the newest three quarters of a context of ``seq_len``."""
+    return max(1, seq_len - max(1, seq_len // 4))
+
+
 def generate(
     model: Transformer | Ensemble,
     prompt_ids: Sequence[Sequence[int]],
@@ -231,12 +247,14 @@ def generate(
     generator: torch.Generator,
     batch_size: int = 16,
     dtype: Dtype = "fp32",
+    slide: bool = False,
 ) -> list[list[int]]:
     """The new tokens for each prompt (non-empty token lists), in order.
 
     A row that samples ``eos_id`` (with ``stop_at_eos``) ends with it; the others run to ``max_new_tokens``.
     Rows are sampled from one ``generator``, so results depend on the seed, the settings and the batching,
-    and on nothing else. Dropout is off while sampling.
+    and on nothing else. Dropout is off while sampling. ``slide=True`` generates past the model's context
+    with a sliding window (see the module docstring); without it a request that does not fit is refused.
     """
     _check_sampling("generate: ", temperature, top_k, top_p)
     if max_new_tokens < 1 or batch_size < 1:
@@ -250,9 +268,9 @@ def generate(
         if not all(0 <= t < vocab for t in ids):
             bad = next(t for t in ids if not 0 <= t < vocab)
             raise DataeffError(f"generate: prompt {i} has token id {bad}, outside the vocabulary of {vocab}")
-        if len(ids) + max_new_tokens - 1 > seq_len:
+        if not slide and len(ids) + max_new_tokens - 1 > seq_len:
             raise DataeffError(f"generate: a prompt of {len(ids)} tokens plus {max_new_tokens} new tokens exceeds "
-                               f"the model's context of {seq_len} tokens")
+                               f"the model's context of {seq_len} tokens (slide=True generates past it)")
     by_length: dict[int, list[int]] = {}
     for i, ids in enumerate(prompt_ids):
         by_length.setdefault(len(ids), []).append(i)
@@ -270,7 +288,8 @@ def generate(
                     chunk = rows[start : start + batch_size]
                     prompts = torch.tensor([list(prompt_ids[i]) for i in chunk], dtype=torch.long, device=device)
                     new = _decode(decoders, model, prompts, max_new_tokens, stop,
-                                  lambda scores: _next_tokens(scores, temperature, top_k, top_p, generator))
+                                  lambda scores: _next_tokens(scores, temperature, top_k, top_p, generator),
+                                  seq_len if slide else None)
                     for i, tokens in zip(chunk, new, strict=True):
                         results[i] = tokens
     finally:
@@ -280,9 +299,14 @@ def generate(
 
 
 def _decode(decoders: list[_Decoder], model: Transformer | Ensemble, prompts: torch.Tensor, max_new_tokens: int,
-            stop: int | None, pick: Callable[[torch.Tensor], torch.Tensor]) -> list[list[int]]:
+            stop: int | None, pick: Callable[[torch.Tensor], torch.Tensor], window: int | None) -> list[list[int]]:
+    """New tokens per row; ``window`` (the context, when sliding) bounds the tokens the model sees at once."""
     b, length = prompts.shape
-    logits = [d.start(prompts, length + max_new_tokens - 1) for d in decoders]
+    keep = slide_keep(window) if window is not None else 0
+    cache_len = window if window is not None else length + max_new_tokens - 1
+    context = prompts if window is None or length <= window else prompts[:, -keep:]
+    logits = [d.start(context, cache_len) for d in decoders]
+    seen = context.shape[1]  # tokens in the caches
     out = torch.empty(b, max_new_tokens, dtype=torch.long, device=prompts.device)
     done = torch.zeros(b, dtype=torch.bool, device=prompts.device)
     n = max_new_tokens
@@ -297,8 +321,16 @@ def _decode(decoders: list[_Decoder], model: Transformer | Ensemble, prompts: to
             if bool(done.all()):
                 n = i + 1
                 break
-        if i + 1 < max_new_tokens:
+        if i + 1 >= max_new_tokens:
+            continue
+        if seen == window:
+            # The window is full: it slides, and one prefill rebuilds the caches from its newest tokens.
+            recent = torch.cat([prompts, out[:, : i + 1]], dim=1)[:, -keep:]
+            logits = [d.start(recent, cache_len) for d in decoders]
+            seen = keep
+        else:
             logits = [d.step(tokens) for d in decoders]
+            seen += 1
     rows = out[:, :n].tolist()
     if stop is None:
         return rows
@@ -337,6 +369,8 @@ def sample(cfg: SampleConfig) -> list[dict[str, Any]]:
     eos = tokenizer.eos_id
     encoded = [[eos, *tokenizer.encode(p)] for p in prompts]
     max_new = cfg.max_tokens
+    if max_new is None and cfg.slide:
+        max_new = model.seq_len
     if max_new is None:
         longest = max(map(len, encoded))
         max_new = model.seq_len - longest
@@ -346,7 +380,7 @@ def sample(cfg: SampleConfig) -> list[dict[str, Any]]:
         model, encoded,
         max_new_tokens=max_new, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, eos_id=eos,
         stop_at_eos=cfg.stop_at_eos, generator=torch.Generator(device=device).manual_seed(cfg.seed),
-        batch_size=cfg.batch_size, dtype=cfg.dtype,
+        batch_size=cfg.batch_size, dtype=cfg.dtype, slide=cfg.slide,
     )
     rows = []
     for prompt, tokens in zip(prompts, outputs, strict=True):

@@ -42,7 +42,8 @@ class DistillStageConfig:
                                           "(0: no sequence-level student)", min=0.0, below=1.0)
     sequence_overrides: dict[str, Any] = option({"optim.weight_decay": 0.1},
                                                 "knob values of the sequence-level student (the paper: WD 0.1)")
-    sample_tokens: int = option(256, "tokens per sampled document at most (capped at the teacher's context)", min=1)
+    sample_tokens: int = option(256, "tokens per sampled document at most; past the teacher's context its window "
+                                     "slides (dataeff.generate.sample.generate(slide=True))", min=1)
     sample_temperature: float = option(1.0, "sampling temperature of the synthetic corpus", min=0.0)
     sample_batch: int = option(64, "documents sampled together", min=1)
     sample_seed: int = option(0, "sampling seed", min=0)
@@ -69,12 +70,14 @@ class TeacherSampleConfig:
     members: list[str]  # the teacher's run directories
     combine: Literal["prob", "logit"]
     tokens: int  # sample at least this many tokens (EOS included)
-    max_tokens: int  # per document, capped at the teacher's context
+    max_tokens: int  # per document; past the teacher's context its window slides
     temperature: float
     batch: int
     seed: int
     device: str = "auto"
     dtype: str = "bf16"
+    # Part of the artifact's key: corpora sampled before documents could outgrow the context were cut at it.
+    slide: bool = True
 
 
 def sample_teacher(cfg: TeacherSampleConfig, out_dir: Path) -> dict[str, Any]:
@@ -82,7 +85,7 @@ def sample_teacher(cfg: TeacherSampleConfig, out_dir: Path) -> dict[str, Any]:
     atomically, one ``{"text": ...}`` per line)."""
     teacher = load_ensemble(cfg.members, cfg.combine, device=str(pick_device(cfg.device)))
     tokenizer = Tokenizer.load(Path(cfg.members[0]) / "tokenizer.json")
-    max_new = min(cfg.max_tokens, teacher.seq_len)
+    max_new = cfg.max_tokens if cfg.slide else min(cfg.max_tokens, teacher.seq_len)
     device = teacher.members[0].embed.weight.device
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     rows: list[str] = []
@@ -93,7 +96,7 @@ def sample_teacher(cfg: TeacherSampleConfig, out_dir: Path) -> dict[str, Any]:
                 break
             outs = generate(teacher, [[tokenizer.eos_id]] * cfg.batch, max_new_tokens=max_new,
                             temperature=cfg.temperature, eos_id=tokenizer.eos_id, generator=generator,
-                            batch_size=cfg.batch, dtype=cfg.dtype)  # type: ignore[arg-type]
+                            batch_size=cfg.batch, dtype=cfg.dtype, slide=cfg.slide)  # type: ignore[arg-type]
             for tokens in outs:
                 kept = tokens[:-1] if tokens and tokens[-1] == tokenizer.eos_id else tokens
                 if kept:
