@@ -135,6 +135,18 @@ def _ensemble_config() -> type:
     return EnsembleTrainConfig
 
 
+def _cpt(cfg: Any) -> None:
+    from dataeff.experiment.cpt import run_cpt
+
+    print(json.dumps(run_cpt(cfg), indent=2))
+
+
+def _cpt_config() -> type:
+    from dataeff.experiment.cpt import CPTConfig
+
+    return CPTConfig
+
+
 def _quality(cfg: Any) -> None:
     from dataeff.synth.quality import run_quality
 
@@ -233,6 +245,8 @@ COMMANDS = [
     Command("eval", "held-out loss, bits per byte and word perplexity of a run or an ensemble (and tasks=[...])", _eval_config, _eval, "run_dir"),
     Command("ensemble", "train K members that differ by seed, save ensemble.json and score every prefix ensemble",
             _ensemble_config, _ensemble),
+    Command("cpt", "continued pretraining of a dataeff run or an HF Llama/Qwen3 checkpoint on a corpus (replay, "
+            "subsampling, K seeds as an ensemble, HF export)", _cpt_config, _cpt, "base"),
     Command("run", "run a pipeline: tune every recipe and size, fit scaling laws, write the report", _pipeline_config, _pipeline),
     Command("report", "write report.md and report.html for a pipeline root", _report_config, _report, "root"),
     Command("runs", "list, filter, sort and export the runs under a directory (indexed in ROOT/runs.sqlite)",
