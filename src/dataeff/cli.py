@@ -147,6 +147,24 @@ def _cpt_config() -> type:
     return CPTConfig
 
 
+def _qa(cfg: Any) -> None:
+    from pathlib import Path
+
+    from dataeff.config import config_hash
+    from dataeff.generate.qa import qa_generation_job
+
+    # The client's manifest and every answer are kept per settings, like a pipeline's artifacts.
+    out = Path("runs") / "qa" / config_hash(cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    print(json.dumps({"dir": str(out), **qa_generation_job(cfg, out)}, indent=2))
+
+
+def _qa_config() -> type:
+    from dataeff.generate.qa import QAGenConfig
+
+    return QAGenConfig
+
+
 def _quality(cfg: Any) -> None:
     from dataeff.synth.quality import run_quality
 
@@ -247,11 +265,13 @@ COMMANDS = [
             _ensemble_config, _ensemble),
     Command("cpt", "continued pretraining of a dataeff run or an HF Llama/Qwen3 checkpoint on a corpus (replay, "
             "subsampling, K seeds as an ensemble, HF export)", _cpt_config, _cpt, "base"),
+    Command("qa", "QuALITY closed-book QA answered by generation (few-shot chain of thought, answer parsing, attempt "
+            "rate) through the generation client", _qa_config, _qa),
     Command("run", "run a pipeline: tune every recipe and size, fit scaling laws, write the report", _pipeline_config, _pipeline),
     Command("report", "write report.md and report.html for a pipeline root", _report_config, _report, "root"),
     Command("runs", "list, filter, sort and export the runs under a directory (indexed in ROOT/runs.sqlite)",
             _runs_config, _runs, "root"),
-    Command("tasks", "downstream accuracy (ARC, PIQA, HellaSwag, BLiMP, LAMBADA) of a run or an ensemble",
+    Command("tasks", "downstream accuracy (ARC, PIQA, HellaSwag, BLiMP, LAMBADA, QuALITY) of a run or an ensemble",
             _tasks_config, _tasks, "run_dir"),
     Command("sample", "generate text from a run or an ensemble (e.g. for sequence-level distillation)",
             _sample_config, _sample, "run_dir"),
