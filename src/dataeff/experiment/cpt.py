@@ -12,6 +12,7 @@ missing corpus or replay corpus.
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -25,7 +26,9 @@ from dataeff.experiment.executor import ExecutorConfig, run_jobs
 from dataeff.fsutil import atomic_write_json
 from dataeff.model.hf import export_run, hf_config
 from dataeff.train.config import RunConfig
+from dataeff.train.identity import run_hash
 from dataeff.train.init import resolve
+from dataeff.train.loop import train
 from dataeff.train.rundir import model_config
 
 
@@ -150,21 +153,33 @@ def run_configs(cfg: CPTConfig) -> list[RunConfig]:
             for seed in cfg.seeds]
 
 
-def run_cpt(cfg: CPTConfig, *, progress: bool = True) -> dict[str, Any]:
-    """Train every seed, export, build the ensemble; ``OUT/cpt.json`` holds what it returns."""
-    configs = run_configs(cfg)
-    out = Path(cfg.out)
+def _train(configs: list[RunConfig], cfg: CPTConfig, out: Path, progress: bool) -> list[tuple[str, dict[str, Any]]]:
+    """(run directory, result) per config. Under torchrun every process trains each run together, one run
+    after another (data-parallel); otherwise the executor trains them, in parallel where it can."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return [(str(out / "runs" / run_hash(c)), train(dataclasses.replace(c, run_dir=str(out / "runs" / run_hash(c)))))
+                for c in configs]
     jobs = run_jobs(configs, cfg.executor, out / "runs", progress=progress)
     failed = [j for j in jobs if j.result is None]
     if failed:
         raise DataeffError(f"cpt: {len(failed)} of {len(jobs)} runs failed; first: {failed[0].run_dir}: "
                            f"{failed[0].error}")
-    runs = [str(j.run_dir) for j in jobs]
+    return [(str(j.run_dir), j.result) for j in jobs if j.result is not None]
+
+
+def run_cpt(cfg: CPTConfig, *, progress: bool = True) -> dict[str, Any]:
+    """Train every seed, export, build the ensemble; ``OUT/cpt.json`` holds what it returns."""
+    configs = run_configs(cfg)
+    out = Path(cfg.out)
+    trained = _train(configs, cfg, out, progress)
+    runs = [d for d, _ in trained]
     summary: dict[str, Any] = {
         "base": cfg.base, "corpus": cfg.corpus, "tokens": cfg.tokens, "replay": cfg.replay,
-        "runs": [{"run_dir": d, "seed": s, "train_tokens": j.result["train_tokens"], "val_loss": j.result.get("val_loss")}
-                 for d, s, j in zip(runs, cfg.seeds, jobs, strict=True) if j.result is not None],
+        "runs": [{"run_dir": d, "seed": s, "train_tokens": r["train_tokens"], "val_loss": r.get("val_loss")}
+                 for (d, r), s in zip(trained, cfg.seeds, strict=True)],
     }
+    if int(os.environ.get("RANK", "0")) != 0:
+        return summary  # the exports, the ensemble and cpt.json are the first process's to write
     if cfg.export:
         summary["hf"] = [str(_export(Path(d), out / "hf")) for d in runs]
     if len(runs) > 1:
