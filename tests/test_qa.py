@@ -189,11 +189,11 @@ def test_a_served_model_answers_through_the_client_and_a_bad_one_is_reported(tmp
     from dataeff.generate.served import serving
 
     items = read_quality(_file(tmp_path, _line(STORY, [Q], ["(A) Mira"])))
-    with serving(ServeConfig(model="test", test_latency=0.0, test_tokens=8)) as url:
+    with serving(ServeConfig(model="test", port=0, test_latency=0.0, test_tokens=8)) as url:
         cfg = LLMConfig(base_url=url, model="test", api_key_env="", cache=str(tmp_path / "c.sqlite"), progress=False)
         chosen, texts, summary = answer_items(cfg, items, n_shots=0)
     # The test model's words are hex digests: never an answer line, so not attempted.
     assert chosen == [None] and texts[0] and summary["answered"] == 1
     with pytest.raises(DataeffError, match=r"serve: the server for model=.*nowhere did not start"), \
-            serving(ServeConfig(model=str(tmp_path / "nowhere")), timeout=60):
+            serving(ServeConfig(model=str(tmp_path / "nowhere"), port=0), timeout=60):
         pass

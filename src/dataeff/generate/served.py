@@ -23,9 +23,8 @@ _READY = "dataeff serve: "
 
 @contextmanager
 def serving(cfg: ServeConfig, timeout: float = 300.0) -> Iterator[str]:
-    """Serve ``cfg`` (its port replaced by a free one) and yield the base URL, ``http://HOST:PORT/v1``."""
-    settings = {**non_default(cfg), "port": 0}
-    args = [sys.executable, "-m", "dataeff.cli", "serve", *(f"{k}={v}" for k, v in settings.items())]
+    """Serve ``cfg`` and yield the base URL, ``http://HOST:PORT/v1`` (``port=0``: a free port)."""
+    args = [sys.executable, "-m", "dataeff.cli", "serve", *(f"{k}={v}" for k, v in non_default(cfg).items())]
     with tempfile.TemporaryFile(mode="w+") as err:
         proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=err, text=True, env=os.environ.copy())
         try:
