@@ -209,6 +209,18 @@ def _entigraph_config() -> type:
     return EntiGraphConfig
 
 
+def _rephrase(cfg: Any) -> None:
+    from dataeff.synth.rephrase import run_rephrase
+
+    print(json.dumps(run_rephrase(cfg), indent=2))
+
+
+def _rephrase_config() -> type:
+    from dataeff.synth.rephrase import RephraseConfig
+
+    return RephraseConfig
+
+
 def _embed(cfg: Any) -> None:
     from dataeff.synth.embed import embed
 
@@ -265,6 +277,9 @@ COMMANDS = [
     Command("entigraph", "EntiGraph: a summary, the entities and texts on entity pairs and triples of every source "
             "document, through the generation client (cached, resumable, budgeted); writes corpus.jsonl",
             _entigraph_config, _entigraph, "input"),
+    Command("rephrase", "rewrite source documents in WRAP styles (easy, medium, hard, qa, or a prompt file), chunk by "
+            "chunk, keeping the rewrites that pass a fidelity check; writes corpus.jsonl", _rephrase_config,
+            _rephrase, "input"),
 
 
     Command("embed", "embed a token store's documents as unit vectors (sentence-transformers or a run), cached in shards",

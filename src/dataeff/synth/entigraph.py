@@ -47,15 +47,15 @@ from typing import Any, Literal
 
 from pydantic import BaseModel
 
-from dataeff.config import option, replace, section, to_dict
+from dataeff.config import option, section, to_dict
 from dataeff.data.config import Format
 from dataeff.errors import DataeffError
 from dataeff.fsutil import atomic_path, atomic_write_json
 from dataeff.generate.llm import JobResult, LLMConfig, Request, run_job
 from dataeff.generate.llm.request import estimate_prompt_tokens
 from dataeff.synth.documents import SourceDocument, read_documents
+from dataeff.synth.llmjobs import context_error, job_counts, remaining, served_context
 from dataeff.synth.prompt import Prompt, load_prompt
-from dataeff.synth.served import context_error, served_context
 
 _MAX_ENTITY_CHARS = 200  # a longer "entity" is a sentence the model wrote into the list
 
@@ -167,15 +167,6 @@ def _interleave(docs: list[_Doc]) -> list[_Relation]:
     return [r for batch in itertools.zip_longest(*lists) for r in batch if r is not None]
 
 
-def _remaining(llm: LLMConfig, spent: JobResult) -> LLMConfig | None:
-    """``llm`` with its budget less what ``spent`` used; None when nothing is left."""
-    tokens = llm.budget_tokens - spent.summary.job_tokens if llm.budget_tokens else 0
-    usd = llm.budget_usd - spent.summary.job_cost_usd if llm.budget_usd else 0.0
-    if (llm.budget_tokens and tokens <= 0) or (llm.budget_usd and usd <= 0):
-        return None
-    return replace(llm, budget_tokens=tokens, budget_usd=usd)
-
-
 def _job_stats(job: JobResult | None) -> dict[str, Any] | None:
     return job.summary.to_dict() if job is not None else None
 
@@ -222,7 +213,7 @@ def entigraph_job(config: EntiGraphConfig, out_dir: Path) -> dict[str, Any]:
         r.index = i
     second, stopped = None, first is not None and first.summary.stop_reason != "done"
     if relations and not stopped:
-        llm = _remaining(cfg.llm, first) if first is not None else cfg.llm
+        llm = remaining(cfg.llm, [first]) if first is not None else cfg.llm
         if llm is None:
             stopped = True
         else:
@@ -281,12 +272,7 @@ def _write(cfg: EntiGraphConfig, out_dir: Path, docs: list[_Doc], first: JobResu
         "relations_failed": failed_relations,
         "relations_over_budget": sum(d.over_budget for d in docs),
         "relations_too_long": sum(d.too_long for d in docs),
-        "requests": sum(j.summary.unique for j in jobs),
-        "cached": sum(j.summary.cached for j in jobs),
-        "sent": sum(j.summary.sent for j in jobs),
-        "tokens": sum(j.summary.job_tokens for j in jobs),
-        "new_tokens": sum(j.summary.prompt_tokens + j.summary.completion_tokens for j in jobs),
-        "cost_usd": sum(j.summary.job_cost_usd for j in jobs),
+        **job_counts(jobs),
         "complete": not stopped,
     }
     atomic_write_json(out_dir / "manifest.json", {
