@@ -1,7 +1,8 @@
 """A fault-injecting test server that answers the synthetic-data producers' prompts the way a capable model
 would, deterministically: the entity prompt with a JSON summary and the document's capitalised words as
 entities (none for a document without any), relation prompts with a text naming their entities, rephrase
-prompts with the passage itself (lower-cased for the easy style), judge prompts with a verdict. Fault markers
+prompts with the passage itself (lower-cased for the easy style; an unrelated sentence for a passage
+marked ``[garble]``), judge prompts with a verdict. Fault markers
 and request counts are :class:`FaultServer`'s."""
 
 from __future__ import annotations
@@ -32,7 +33,10 @@ class SynthServer(FaultServer):
             text = f"How {focus} relate in the document {_document(user)[:40]!r}."
         elif "Passage to rewrite:\n" in user:
             chunk = user.rsplit("Passage to rewrite:\n", 1)[1]
-            text = chunk.lower() if "small child" in system else chunk
+            if "[garble]" in chunk:
+                text = "Bananas are a yellow fruit that grows in warm places and tastes sweet."
+            else:
+                text = chunk.lower() if "small child" in system else chunk
         elif "Rewrite:\n" in user:
             source, rewrite = user.split("Passage:\n", 1)[1].split("\n\nRewrite:\n", 1)
             text = json.dumps({"verdict": "faithful" if rewrite.strip().lower() == source.strip().lower()
