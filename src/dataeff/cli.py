@@ -227,6 +227,30 @@ def _llm_config() -> type:
     return LLMJobConfig
 
 
+def _entigraph(cfg: Any) -> None:
+    from dataeff.synth.entigraph import run_entigraph
+
+    print(json.dumps(run_entigraph(cfg), indent=2))
+
+
+def _entigraph_config() -> type:
+    from dataeff.synth.entigraph import EntiGraphConfig
+
+    return EntiGraphConfig
+
+
+def _rephrase(cfg: Any) -> None:
+    from dataeff.synth.rephrase import run_rephrase
+
+    print(json.dumps(run_rephrase(cfg), indent=2))
+
+
+def _rephrase_config() -> type:
+    from dataeff.synth.rephrase import RephraseConfig
+
+    return RephraseConfig
+
+
 def _embed(cfg: Any) -> None:
     from dataeff.synth.embed import embed
 
@@ -284,6 +308,12 @@ COMMANDS = [
             _serve_config, _serve, "model"),
     Command("llm", "send a JSONL file of chat requests through the generation client (cached, resumable, budgeted)",
             _llm_config, _llm, "requests"),
+    Command("entigraph", "EntiGraph: a summary, the entities and texts on entity pairs and triples of every source "
+            "document, through the generation client (cached, resumable, budgeted); writes corpus.jsonl",
+            _entigraph_config, _entigraph, "input"),
+    Command("rephrase", "rewrite source documents in WRAP styles (easy, medium, hard, qa, or a prompt file), chunk by "
+            "chunk, keeping the rewrites that pass a fidelity check; writes corpus.jsonl", _rephrase_config,
+            _rephrase, "input"),
 
 
     Command("embed", "embed a token store's documents as unit vectors (sentence-transformers or a run), cached in shards",
