@@ -51,7 +51,7 @@ class SynthesizeConfig:
     synthesizer: str = option("", "the synthesizer's run directory (`dataeff synthesizer`)")
     store: str = option("", "the world's token store directory: its documents are the seeds")
     split: str = option("train", "the store's split the seeds are drawn from")
-    tokens: int = option(0, "synthetic tokens to produce (end-of-document tokens included), after dedup", min=1)
+    tokens: int = option(0, "synthetic tokens to produce (end-of-document tokens included), after dedup", min=0)
     samples_per_seed: int = option(1, "samples drawn for each seed document", min=1)
     prompt_share: float = option(0.5, "share of the context the seed may fill, as the synthesizer was trained",
                                  above=0.0, below=1.0)
@@ -100,6 +100,8 @@ class _Plan:
     def __init__(self, cfg: SynthesizeConfig):
         if not cfg.synthesizer or not cfg.store:
             raise DataeffError("synthesize: set synthesizer=<synthesizer run dir> and store=<world token store>")
+        if cfg.tokens < 1:
+            raise DataeffError("synthesize.tokens: set the synthetic tokens to produce (at least 1)")
         self.cfg = cfg
         self.prepared = load_prepared(cfg.store)
         if cfg.split not in self.prepared.splits:
