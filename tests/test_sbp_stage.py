@@ -39,7 +39,7 @@ def sbp_pipeline(corpus: Path, root: Path, **sbp) -> PipelineConfig:
         "fit": {"n_boot": 100},
         "sbp": {"worlds": [600, 1200], "training_tokens": 2400, "seeds": [0, 1], "shares": [0.25],
                 "pairs": {"k": 2, "alpha": 0.0, "dup_similarity": 0.999},
-                "synthesize": {"samples_per_seed": 4, "batch_size": 32, "shard_seeds": 16, "dtype": "fp32"},
+                "synthesize": {"samples_per_seed": 4, "batch_size": 32, "shard_size": 32, "dtype": "fp32"},
                 "quality_sample": 50, "quality_encoder": False, "n_boot": 200, **sbp},
     }
     return from_dict(PipelineConfig, doc)

@@ -117,12 +117,14 @@ def test_synthesize_samples_dedups_resumes_and_writes_the_corpus(world: tuple[Pr
                                                                   tmp_path: Path) -> None:
     store, base, _ = world
     cfg = SynthesizeConfig(synthesizer=str(base), store=str(store.path), tokens=300, samples_per_seed=2,
-                           shard_seeds=4, max_tokens=20, batch_size=8, out=str(tmp_path / "s"), progress=False,
+                           shard_size=8, max_tokens=20, batch_size=8, out=str(tmp_path / "s"), progress=False,
                            device="cpu", dtype="fp32")
     summary = synthesize(cfg)
     records = [json.loads(line) for line in (tmp_path / "s" / OUTPUT).read_text().splitlines()]
     assert summary["tokens"] >= 300 and summary["documents"] == len(records)
     assert all(set(r) == {"text", "seed", "seed_text"} for r in records)
+    # Fewer draws than documents: no seed is drawn twice before every document was drawn once.
+    assert summary["sampled"] <= store.split("train").n_docs and len({r["seed"] for r in records}) == len(records)
     texts = [r["text"] for r in records]
     world_texts = [r["seed_text"] for r in records]
     found = NearDup(cfg.dedup).find(texts, against=world_texts, progress=False)

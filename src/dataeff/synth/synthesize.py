@@ -1,12 +1,13 @@
 """``dataeff synthesize``: SBP's synthetic corpus, sampled from the synthesizer conditioned on seed documents.
 
-Seeds are the world's documents in a seeded uniform order (each at most once); each gives ``samples_per_seed``
-samples of d2 ~ p(· | d1) from the KV-cached sampler (:func:`dataeff.generate.sample.generate`), the seed cut
-to the prompt share of the context it was trained with (:func:`dataeff.synth.synthesizer.side_budgets`), then
-an end-of-document token. A sample ends at its end token or at ``max_tokens``; with ``slide`` it may run past
+Seeds are drawn uniformly from the world's documents: the draws are ``samples_per_seed`` seeded permutations of
+the documents one after the other, so every document is a seed once before any is a seed twice, and none more
+than ``samples_per_seed`` times. Each draw gives one sample of d2 ~ p(· | d1) from the KV-cached sampler
+(:func:`dataeff.generate.sample.generate`), the seed cut to the prompt share of the context it was trained
+with (:func:`dataeff.synth.synthesizer.side_budgets`), then an end-of-document token. A sample ends at its end token or at ``max_tokens``; with ``slide`` it may run past
 the context with a sliding window.
 
-Work goes in shards of ``shard_seeds`` seeds, each a pure function of the config and its index (its own
+Work goes in shards of ``shard_size`` draws, each a pure function of the config and its index (its own
 sampling seed), written atomically as ``shard_XXXXX.jsonl`` with its counts in ``shard_XXXXX.json``, so a
 killed job resumes from its finished shards. A shard's samples are deduplicated (exact, and MinHash candidates
 confirmed by true Jaccard: :class:`dataeff.synth.dedup.NearDup`) against the world's documents, against the
@@ -52,7 +53,8 @@ class SynthesizeConfig:
     store: str = option("", "the world's token store directory: its documents are the seeds")
     split: str = option("train", "the store's split the seeds are drawn from")
     tokens: int = option(0, "synthetic tokens to produce (end-of-document tokens included), after dedup", min=0)
-    samples_per_seed: int = option(1, "samples drawn for each seed document", min=1)
+    samples_per_seed: int = option(1, "samples drawn for each seed document at most (the world is gone through "
+                                      "once per round before any seed repeats)", min=1)
     prompt_share: float = option(0.5, "share of the context the seed may fill, as the synthesizer was trained",
                                  above=0.0, below=1.0)
     max_tokens: int | None = option(None, "tokens per sample at most (default: the d2 share of the context it was "
@@ -63,7 +65,7 @@ class SynthesizeConfig:
                           above=0.0, max=1.0)
     top_k: int = option(0, "sample among the k most likely tokens only (0: all)", min=0)
     batch_size: int = option(64, "sequences decoded together", min=1)
-    shard_seeds: int = option(256, "seed documents per shard, the unit of resumption", min=1)
+    shard_size: int = option(1024, "samples per shard, the unit of resumption", min=1)
     seed: int = option(0, "seed of the seed order and of the sampling", min=0)
     dedup: NearDupConfig = section(NearDupConfig, "near-duplicate removal against the world and within the samples")
     seed_text: bool = option(True, "write each sample's seed text (seed_text) beside its index, for "
@@ -123,11 +125,13 @@ class _Plan:
                                f"{self.prepared.path.name}/{cfg.split} can give: {n} × samples_per_seed="
                                f"{cfg.samples_per_seed} × at most {self.max_tokens + 1} tokens = {most}; raise "
                                "samples_per_seed or max_tokens (with slide), or use a larger world")
-        self.order = np.random.default_rng([cfg.seed, 0x5B9]).permutation(n)
-        self.n_shards = -(-n // cfg.shard_seeds)
+        rng = np.random.default_rng([cfg.seed, 0x5B9])
+        self.order = np.concatenate([rng.permutation(n) for _ in range(cfg.samples_per_seed)])
+        self.n_shards = -(-len(self.order) // cfg.shard_size)
 
     def seeds(self, shard: int) -> np.ndarray:
-        return self.order[shard * self.cfg.shard_seeds : (shard + 1) * self.cfg.shard_seeds]
+        """The seed document of each draw of the shard."""
+        return self.order[shard * self.cfg.shard_size : (shard + 1) * self.cfg.shard_size]
 
     def world_texts(self) -> list[str]:
         return [document_text(self.split, self.tokenizer, d) for d in range(self.split.n_docs)]
@@ -136,7 +140,7 @@ class _Plan:
 def _sample_shard(plan: _Plan, shard: int, model: Any) -> list[dict[str, Any]]:
     """The shard's samples before dedup: one record per (seed, sample) that is not empty."""
     cfg, tok = plan.cfg, plan.tokenizer
-    seeds = [int(d) for d in plan.seeds(shard) for _ in range(cfg.samples_per_seed)]
+    seeds = [int(d) for d in plan.seeds(shard)]
     prompts = [_seed_ids(plan.split, d, tok.eos_id, plan.prompt_budget) for d in seeds]
     device = model.embed.weight.device
     # Each shard samples from its own stream, so a resumed job gives what an uninterrupted one does.
@@ -202,8 +206,8 @@ def synthesize(cfg: SynthesizeConfig) -> dict[str, Any]:
                 texts = [r["text"] for r in sampled]
                 found = dedup.find(texts, against=[*world, *(r["text"] for r in kept)], progress=False)
                 rows = [sampled[i] for i in found.keep]
-                info = {"sampled": len(plan.seeds(shard)) * cfg.samples_per_seed, "empty":
-                        len(plan.seeds(shard)) * cfg.samples_per_seed - len(sampled), "exact": found.exact,
+                info = {"sampled": len(plan.seeds(shard)), "empty": len(plan.seeds(shard)) - len(sampled),
+                        "exact": found.exact,
                         "near": found.near, "world": found.against, "kept": len(rows),
                         "tokens": sum(r["tokens"] for r in rows)}
                 atomic_write_text(rows_path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
@@ -215,7 +219,7 @@ def synthesize(cfg: SynthesizeConfig) -> dict[str, Any]:
             bar.update(int(info["tokens"]))
             shard += 1
     if have < cfg.tokens:
-        raise DataeffError(f"synthesize: all {plan.split.n_docs} seeds gave {have} of the {cfg.tokens} tokens asked "
+        raise DataeffError(f"synthesize: {cfg.samples_per_seed} samples of each of the {plan.split.n_docs} seeds gave {have} of the {cfg.tokens} tokens asked "
                            f"for after dedup ({counts['empty']} empty samples, {counts['exact']} exact and "
                            f"{counts['near']} near duplicates, {counts['world']} copies of world documents); raise "
                            "samples_per_seed or lower tokens")
@@ -226,7 +230,7 @@ def synthesize(cfg: SynthesizeConfig) -> dict[str, Any]:
             record["seed_text"] = world[r["seed"]]
         lines.append(json.dumps(record, ensure_ascii=False))
     summary = {"identity": ident, "file": str(out / OUTPUT), "documents": len(kept), "tokens": have,
-               "shards": shard, "seeds": min(plan.split.n_docs, shard * cfg.shard_seeds), **counts,
+               "shards": shard, "seeds": len(np.unique(plan.order[: shard * cfg.shard_size])), **counts,
                "max_tokens": plan.max_tokens, "prompt_tokens": plan.prompt_budget}
     atomic_write_text(out / OUTPUT, "\n".join(lines) + "\n")
     atomic_write_json(out / SUMMARY, summary)
