@@ -281,6 +281,33 @@ def _pairs_config() -> type:
     return PairsConfig
 
 
+def _synthesizer(cfg: Any) -> None:
+    from dataeff.synth.synthesizer import train_synthesizer
+
+    result = train_synthesizer(cfg)
+    keys = ("run_dir", "corpus", "records", "pairs", "prompt_tokens", "text_tokens", "val_loss")
+    print(json.dumps({k: result.get(k) for k in keys}, indent=2))
+
+
+def _synthesizer_config() -> type:
+    from dataeff.synth.synthesizer import SynthesizerConfig
+
+    return SynthesizerConfig
+
+
+def _synthesize(cfg: Any) -> None:
+    from dataeff.synth.synthesize import synthesize
+
+    summary = synthesize(cfg)
+    print(json.dumps({k: v for k, v in summary.items() if k != "identity"}, indent=2))
+
+
+def _synthesize_config() -> type:
+    from dataeff.synth.synthesize import SynthesizeConfig
+
+    return SynthesizeConfig
+
+
 COMMANDS = [
     Command("prepare", "tokenize a corpus into a content-addressed token store", _run_config, _prepare),
     Command("train", "train a model on a fixed token budget (resumes if interrupted)", _run_config, _train),
@@ -320,6 +347,10 @@ COMMANDS = [
             _embed_config, _embed, "store"),
     Command("pairs", "nearest-neighbour document pairs above a similarity threshold, near-duplicates removed (SBP)",
             _pairs_config, _pairs),
+    Command("synthesizer", "train SBP's synthesizer p(d2 | d1) on document pairs, starting from a base run",
+            _synthesizer_config, _synthesizer, "base"),
+    Command("synthesize", "sample SBP's synthetic corpus from the synthesizer on seed documents of the world "
+            "(sharded, resumable, deduplicated)", _synthesize_config, _synthesize, "synthesizer"),
 ]
 
 
