@@ -37,6 +37,7 @@ from dataeff.train import checkpoint as ckpt
 from dataeff.train.config import RunConfig
 from dataeff.train.distill import Teacher, make_teacher
 from dataeff.train.identity import default_run_dir, difference, recorded_identity, run_hash, run_identity
+from dataeff.train.memory import keep_freed_memory
 from dataeff.train.optim import build_optimizers, lr_multiplier
 from dataeff.train.rundir import MetricsLog, manifest, mark_done, mark_failed, read_result, run_lock, status
 
@@ -305,6 +306,8 @@ def _train(cfg: RunConfig, run_dir: Path, info: dist.DistInfo) -> dict[str, Any]
     t, device = cfg.train, info.device
     if t.threads:
         torch.set_num_threads(t.threads)
+    if device.type == "cpu":
+        keep_freed_memory()  # every step's activations reuse the last step's pages instead of faulting in new ones
     data = _data(cfg, info)
     _validate(cfg, data)
     model = init.initial_model(cfg, data.prepared.tokenizer).to(device)
