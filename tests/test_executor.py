@@ -15,6 +15,7 @@ from dataeff import checkpoint as ckpt
 from dataeff.config import from_dict, load, to_dict
 from dataeff.errors import DataeffError
 from dataeff.executor import ExecutorConfig, layout, run_jobs
+from dataeff.experiment.progress import PipelineProgress
 from dataeff.fsutil import read_jsonl
 from dataeff.train import RunConfig, run_hash
 
@@ -78,8 +79,10 @@ def test_sweep_runs_each_config_once_and_a_rerun_trains_nothing(small_corpus, tm
     root, cache = tmp_path / "runs", tmp_path / "cache"
     configs = [job(small_corpus, cache, lr=lr) for lr in (3e-3, 1e-2, 3e-2)]
     cfg = ExecutorConfig(backend=backend, workers=2, threads_per_worker=1)
-    first = run_jobs([*configs, configs[1]], cfg, root, progress=False)
+    tracker = PipelineProgress(enabled=False)
+    first = run_jobs([*configs, configs[1]], cfg, root, progress=False, tracker=tracker)
     assert [r.status for r in first] == ["done"] * 4
+    assert (tracker.planned, tracker.done, tracker.workers, len(tracker.job_seconds)) == (3, 3, 2, 3)
     # The directory name is the config hash; the duplicate ran once and shares its run.
     assert sorted(p.name for p in root.iterdir()) == sorted(run_hash(c) for c in configs)
     assert first[3].run_dir == first[1].run_dir and first[3].result == first[1].result
@@ -88,8 +91,9 @@ def test_sweep_runs_each_config_once_and_a_rerun_trains_nothing(small_corpus, tm
     assert saved.train.threads == 1 and saved.train.progress is False
 
     before = stamps(root)
-    again = run_jobs(configs, cfg, root, progress=False)
+    again = run_jobs(configs, cfg, root, progress=False, tracker=tracker)
     assert [r.status for r in again] == ["skipped"] * 3
+    assert (tracker.planned, tracker.done, len(tracker.job_seconds)) == (6, 6, 3)  # skipped: done, never timed
     assert [r.result for r in again] == [r.result for r in first[:3]]
     assert stamps(root) == before
 

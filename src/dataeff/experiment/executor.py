@@ -25,7 +25,7 @@ from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from tqdm.auto import tqdm
 
@@ -34,6 +34,9 @@ from dataeff.errors import DataeffError
 from dataeff.train.config import RunConfig
 from dataeff.train.identity import recorded_identity, run_hash, run_identity
 from dataeff.train.rundir import FAILED, mark_done, mark_failed, read_failure, read_result, run_lock, status
+
+if TYPE_CHECKING:
+    from dataeff.experiment.progress import PipelineProgress
 
 
 @dataclass
@@ -270,8 +273,11 @@ def _run_ray(ray: Any, jobs: dict[Path, dict[str, Any]], cfg: ExecutorConfig, th
         on_done(key, outcome)
 
 
-def run(jobs: list[Job], cfg: ExecutorConfig, *, progress: bool = True, desc: str = "jobs") -> list[JobResult]:
-    """Run every job (once, however often it is listed) and return one result per job, in order."""
+def run(jobs: list[Job], cfg: ExecutorConfig, *, progress: bool = True, desc: str = "jobs",
+        tracker: PipelineProgress | None = None) -> list[JobResult]:
+    """Run every job (once, however often it is listed) and return one result per job, in order. With a
+    ``tracker`` (a pipeline's progress line) the batch and each finished job are reported to it, and this
+    batch's own bar shows only if ``progress`` asks for it too."""
     _check(cfg)
     unique: dict[Path, Job] = {}
     for job in jobs:
@@ -292,11 +298,15 @@ def run(jobs: list[Job], cfg: ExecutorConfig, *, progress: bool = True, desc: st
         elif st == "failed" and not cfg.retry_failed:
             results[d] = JobResult(job.config, d, "skipped", None, read_failure(d).get("reason", "failed"), 0.0)
     pending = [d for d in unique if d not in results]
+    if tracker is not None and not pending:
+        tracker.batch(0, len(results), 1)
 
     if pending:
         ray = _start_ray(cfg) if cfg.backend == "ray" else None
         cores = int(ray.cluster_resources().get("CPU", 0)) if ray is not None else 0
         workers, threads = layout(cfg, len(pending), cores or machine_cores())
+        if tracker is not None:
+            tracker.batch(len(pending), len(results), workers)
         payload = {d: {"fn": unique[d].fn, "out_dir": str(d), "config": to_dict(_placed(unique[d], cfg, threads)),
                        "config_type": f"{type(unique[d].config).__module__}:{type(unique[d].config).__qualname__}"}
                    for d in pending}
@@ -311,6 +321,8 @@ def run(jobs: list[Job], cfg: ExecutorConfig, *, progress: bool = True, desc: st
             failed += state == "failed"
             bar.update(1)
             bar.set_postfix(failed=failed)
+            if tracker is not None:
+                tracker.finished(seconds, failed=state == "failed")
 
         try:
             if ray is not None:
@@ -335,7 +347,8 @@ def _placed(job: Job, cfg: ExecutorConfig, threads: int) -> Any:
                                train=dataclasses.replace(c.train, threads=threads, progress=False, **device))
 
 
-def run_jobs(configs: list[RunConfig], cfg: ExecutorConfig, root: str | Path, *, progress: bool = True) -> list[JobResult]:
+def run_jobs(configs: list[RunConfig], cfg: ExecutorConfig, root: str | Path, *, progress: bool = True,
+             tracker: PipelineProgress | None = None) -> list[JobResult]:
     """Train every config (once, however often it is listed) and return one result per config, in order.
 
     A config's run directory is its own ``run_dir`` if set, else ``<root>/<run_hash(config)>``.
@@ -349,4 +362,4 @@ def run_jobs(configs: list[RunConfig], cfg: ExecutorConfig, root: str | Path, *,
         if run_identity(first) != run_identity(j.config):
             raise DataeffError(f"{j.out_dir}: run_dir is set by two different configs ({run_hash(first)} and "
                                f"{run_hash(j.config)})")
-    return run(jobs, cfg, progress=progress, desc="runs")
+    return run(jobs, cfg, progress=progress, desc="runs", tracker=tracker)
