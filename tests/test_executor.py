@@ -15,6 +15,7 @@ from dataeff import checkpoint as ckpt
 from dataeff.config import from_dict, load, to_dict
 from dataeff.errors import DataeffError
 from dataeff.executor import ExecutorConfig, layout, run_jobs
+from dataeff.experiment.executor import worker_cores
 from dataeff.experiment.progress import PipelineProgress
 from dataeff.fsutil import read_jsonl
 from dataeff.train import RunConfig, run_hash
@@ -61,6 +62,15 @@ def test_layout_shares_the_cores():
     assert layout(ExecutorConfig(threads_per_worker=2), n_jobs=4, cores=8) == (4, 2)
     assert layout(ExecutorConfig(workers=4, threads_per_worker=3), n_jobs=2, cores=2) == (2, 3)
     assert layout(ExecutorConfig(backend="ray", cpus_per_job=2), n_jobs=8, cores=8) == (4, 2)
+
+
+def test_each_worker_is_pinned_to_cores_of_its_own():
+    cores = [0, 1, 2, 3]
+    assert [worker_cores(i, 2, 2, cores) for i in range(2)] == [[0, 1], [2, 3]]
+    assert [worker_cores(i, 4, 1, cores) for i in range(4)] == [[0], [1], [2], [3]]
+    # Workers started later (replacing dead ones) wrap around the slots.
+    assert worker_cores(5, 4, 1, cores) == [1]
+    assert worker_cores(0, 1, 8, [4, 6]) == [4, 6]
 
 
 def test_bad_executor_settings_are_one_line_errors(small_corpus, tmp_path, monkeypatch):

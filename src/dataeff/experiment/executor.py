@@ -14,6 +14,7 @@ and config), so a directory is never taken for another config's.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
 import multiprocessing
@@ -150,17 +151,35 @@ def _exit_with(driver: int) -> None:
             os._exit(1)
 
 
-def _init_worker(threads: int, environ: dict[str, str], driver: int) -> None:
+def worker_cores(slot: int, workers: int, threads: int, cores: list[int]) -> list[int]:
+    """The cores worker ``slot`` (0-based) of ``workers`` is pinned to: its own ``threads`` of the driver's
+    ``cores``, so two workers never share a core (wrapping around when the workers want more than exist)."""
+    start = (slot % workers) * threads
+    return [cores[(start + i) % len(cores)] for i in range(max(1, min(threads, len(cores))))]
+
+
+def _init_worker(threads: int, environ: dict[str, str], driver: int, slots: Any, workers: int,
+                 cores: list[int]) -> None:
     threading.Thread(target=_exit_with, args=(driver,), daemon=True, name="dataeff-driver-watch").start()
     # A fork server keeps the environment it started with; jobs must see the driver's as of this sweep.
     os.environ.clear()
     os.environ.update(environ)
     # Libraries that start their own thread pools later (OpenMP, MKL) read these; torch is told directly.
-    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         os.environ[var] = str(threads)
+    # Each worker on cores of its own: without pinning the kernel migrates a worker's threads onto its
+    # neighbour's core, and OpenMP's barriers then wait on a thread that is not running.
+    with slots.get_lock():
+        slot = slots.value
+        slots.value += 1
+    if hasattr(os, "sched_setaffinity") and cores:
+        os.sched_setaffinity(0, worker_cores(slot, workers, threads, cores))
     import torch
 
     torch.set_num_threads(threads)
+    # A training job has no independent ops to overlap: inter-op threads would only compete for the share.
+    with contextlib.suppress(RuntimeError):  # the pool already started in this process
+        torch.set_num_interop_threads(1)
 
 
 def _resolve(dotted: str) -> Any:
@@ -216,8 +235,11 @@ def _mp_context() -> multiprocessing.context.BaseContext:
 
 def _run_local(jobs: dict[Path, dict[str, Any]], workers: int, threads: int, on_done: Callable[[Path, Outcome], None]) -> None:
     ctx = _mp_context()
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    # Pinning pays only when the workers' threads fill the machine; past that they must share cores anyway.
+    pinned = cores if workers * threads <= len(cores) else []
     pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker,
-                               initargs=(threads, dict(os.environ), os.getpid()))
+                               initargs=(threads, dict(os.environ), os.getpid(), ctx.Value("i", 0), workers, pinned))
     try:
         futures = {pool.submit(_run_job, data): key for key, data in jobs.items()}
         for future in as_completed(futures):
