@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from dataeff.config import from_dict, option, section
 from dataeff.errors import DataeffError
@@ -29,6 +29,8 @@ class PipelineConfig:
     base: RunConfig = section(RunConfig, "the world and every setting the recipes do not tune")
     executor: ExecutorConfig = section(ExecutorConfig, "where and how the runs execute")
     fit: FitConfig = section(FitConfig, "scaling-law fits and intervals")
+    progress: Literal["pipeline", "runs", "none"] = option(
+        "pipeline", "pipeline: one line (stage, runs done/planned, elapsed, ETA); runs: also a bar per batch of runs")
     # The tuning stage's settings are the pipeline's own: every later stage builds on its optima.
     sizes: list[str] = option(["micro", "mini", "small"], "model presets, smallest first")
     recipes: list[RecipeConfig] = option([], "recipes to tune (default: the paper's standard and regularized)")
