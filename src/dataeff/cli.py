@@ -203,6 +203,18 @@ def _theory_config() -> type:
 
     return TheoryConfig
 
+def _markov(cfg: Any) -> None:
+    from dataeff.synth.markov import write_corpus
+
+    print(json.dumps(write_corpus(cfg), indent=2))
+
+
+def _markov_config() -> type:
+    from dataeff.synth.markov import MarkovConfig
+
+    return MarkovConfig
+
+
 def _serve(cfg: Any) -> None:
     from dataeff.generate.serve import serve
 
@@ -331,6 +343,8 @@ COMMANDS = [
             _quality_config, _quality, "synthetic"),
     Command("theory", "simulate EntiGraph's random-graph model of knowledge and compare it with the "
             "mixture-of-exponentials closed form", _theory_config, _theory),
+    Command("markov", "write a known-truth corpus: documents of a random sparse Markov source with its exact entropy "
+            "rate (the floor of any model's loss)", _markov_config, _markov, "out"),
     Command("serve", "an OpenAI-compatible HTTP server for a run, an ensemble, a Hugging Face model or the test model",
             _serve_config, _serve, "model"),
     Command("llm", "send a JSONL file of chat requests through the generation client (cached, resumable, budgeted)",
