@@ -80,3 +80,24 @@ def test_bad_cpt_settings_are_refused_before_anything_trains(tmp_path, small_cor
     with pytest.raises(DataeffError, match=r"cpt\.token_counts=\[500, 500, 1000\]: give distinct"):
         run_pipeline(cfg, progress=False)
     assert not (tmp_path / "p" / "runs").exists()
+
+
+@pytest.mark.slow  # a served test model, generation jobs and CPT runs
+def test_corpora_are_generated_through_dataeff_serve(tmp_path, small_corpus):
+    cfg = _world(tmp_path, small_corpus)
+    cfg.cpt.entigraph = cfg.cpt.rephrase = None
+    cfg.cpt.generate, cfg.cpt.serve, cfg.cpt.serve_port = True, "test", 8791
+    cfg.cpt.generator.max_tokens = 16
+    cfg.cpt.rephrase_settings = {"chunk_words": 30, "context_words": 0, "fidelity": {"method": "off"}}
+    cfg.cpt.entigraph_settings = {"split_words": 60}
+    cfg.cpt.token_counts, cfg.cpt.ensemble_seeds = [200, 400, 800], []
+    run_pipeline(cfg, progress=False)
+    r = read_results(tmp_path / "p" / "results.json")["cpt"]
+    # The test model writes hex words: rephrasing gives text, EntiGraph's entity JSON never parses.
+    assert "cpt_rephrase" in r.corpora["rephrase"] and r.corpus_tokens["rephrase"] > 800
+    assert "entigraph" not in r.corpora and any(s.startswith("entigraph: its generation gave no corpus")
+                                                for s in r.skipped)
+    assert [p.tokens for p in r.points if p.corpus == "rephrase"] == [200, 400, 800]
+    # A rerun finds the generation done and serves nothing.
+    run_pipeline(cfg, progress=False)
+    assert read_results(tmp_path / "p" / "results.json")["cpt"].corpora == r.corpora

@@ -4,8 +4,10 @@ prints once listening, stopped when the block ends."""
 
 from __future__ import annotations
 
+import ctypes
 import os
 import selectors
+import signal
 import subprocess
 import sys
 import tempfile
@@ -21,12 +23,19 @@ from dataeff.generate.serve import ServeConfig
 _READY = "dataeff serve: "
 
 
+def _die_with_parent() -> None:
+    # Linux's PR_SET_PDEATHSIG: the server is sent SIGTERM when its parent dies, even by SIGKILL, so an
+    # interrupted stage never leaves a server holding the port the rerun wants.
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)
+
+
 @contextmanager
 def serving(cfg: ServeConfig, timeout: float = 300.0) -> Iterator[str]:
     """Serve ``cfg`` and yield the base URL, ``http://HOST:PORT/v1`` (``port=0``: a free port)."""
     args = [sys.executable, "-m", "dataeff.cli", "serve", *(f"{k}={v}" for k, v in non_default(cfg).items())]
     with tempfile.TemporaryFile(mode="w+") as err:
-        proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=err, text=True, env=os.environ.copy())
+        proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=err, text=True, env=os.environ.copy(),
+                                preexec_fn=_die_with_parent if sys.platform == "linux" else None)
         try:
             yield _wait_ready(proc, err, timeout, cfg.model)
         finally:

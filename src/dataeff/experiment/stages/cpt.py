@@ -9,9 +9,11 @@ generation); accuracy against synthetic tokens is fitted by the mixture-of-expon
 ensemble, open-book retrieval gives the RAG reference, and the random-graph model
 (:mod:`dataeff.synth.theory`) draws the curve the law comes from.
 
-The synthetic corpora are JSONL files (field ``text``) given by path: the output of ``dataeff entigraph`` /
-``dataeff rephrase`` (or of anything else). All training goes through ``dataeff cpt``'s run configs
-(:mod:`dataeff.experiment.cpt`), so every CPT run is an ordinary run in ``<root>/runs``.
+The synthetic corpora are JSONL files (field ``text``): given by path, or, with ``generate``, made here by
+``dataeff entigraph`` / ``dataeff rephrase`` jobs on the articles through the generator endpoint (a vLLM or
+hosted API, or the model ``serve`` names behind ``dataeff serve`` while they run). All training goes through
+``dataeff cpt``'s run configs (:mod:`dataeff.experiment.cpt`), so every CPT run is an ordinary run in
+``<root>/runs``.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from typing import Any, Literal, cast
 import numpy as np
 import torch
 
-from dataeff.config import option, section
+from dataeff.config import from_dict, option, section, to_dict
 from dataeff.data.config import DataConfig
 from dataeff.data.corpora import data_root, file_sha256
 from dataeff.data.tokenizer import Tokenizer
@@ -34,22 +36,27 @@ from dataeff.errors import DataeffError
 from dataeff.eval.ensemble import EnsembleSpec, load_ensemble, save_ensemble
 from dataeff.eval.quality import QAItem, read_articles, read_quality, split_items
 from dataeff.eval.tasks import QUALITY_FILE, evaluate_qa, log_prob_fn, subset
+from dataeff.experiment import executor
 from dataeff.experiment.cpt import CPTConfig, run_configs
 from dataeff.experiment.executor import Job
 from dataeff.experiment.stage import Context, Failure, Stage, StageResult
 from dataeff.fsutil import atomic_write_text
 from dataeff.generate.llm import LLMConfig
 from dataeff.generate.qa import QAGenConfig
+from dataeff.generate.serve import ServeConfig
+from dataeff.generate.served import serving
 from dataeff.model.config import ModelConfig
 from dataeff.model.hf import from_hf
 from dataeff.report.blocks import Block, Fig, Heading, Para, Table, count
 from dataeff.report.plots import colors, new_figure, png
+from dataeff.synth.entigraph import EntiGraphConfig
 from dataeff.synth.expfit import PAPER_LAW, PAPER_LAW_SOURCE, fit_exponentials
+from dataeff.synth.rephrase import RephraseConfig
 from dataeff.synth.retrieval import OpenBookConfig
 from dataeff.synth.theory import TheoryConfig, run_theory
 from dataeff.train.config import OptimConfig, RunConfig, TrainConfig
 from dataeff.train.dist import pick_device
-from dataeff.train.rundir import load_model
+from dataeff.train.rundir import load_model, status
 
 KINDS = ("rephrase", "entigraph")
 
@@ -64,8 +71,23 @@ class CPTStageConfig:
     recipe: str | None = option(None, "base=tuned: the recipe (default: the first)")
     articles: str | None = option(None, "the QuALITY file (default: quality_leval_subset/quality.jsonl in "
                                         "DATAEFF_DATA_DIR); its articles are the raw CPT corpus")
-    rephrase: str | None = option(None, "the rephrase corpus (JSONL, field text) made from the articles")
-    entigraph: str | None = option(None, "the EntiGraph corpus (JSONL, field text) made from the articles")
+    rephrase: str | None = option(None, "the rephrase corpus (JSONL, field text) made from the articles (null "
+                                        "with generate: made here)")
+    entigraph: str | None = option(None, "the EntiGraph corpus (JSONL, field text) made from the articles (null "
+                                         "with generate: made here)")
+    generate: bool = option(False, "make the corpora not given by path: dataeff entigraph and dataeff rephrase on "
+                                   "the articles, through the generator endpoint")
+    serve: str | None = option(None, "generate: serve this model with `dataeff serve` for the generation (base: the "
+                                     "base model; a run, ensemble.json or HF directory; test); null: use "
+                                     "generator.base_url as it is (vLLM, a hosted API)")
+    serve_port: int = option(8765, "generate with serve: the server's port (fixed, so a rerun's generation jobs are "
+                                   "the same jobs and resume)", min=1, max=65535)
+    generator: LLMConfig = section(LLMConfig, "generate: the generation client (endpoint, model, limits, budget); "
+                                              "its cache defaults to ROOT/cpt_llm_cache.sqlite")
+    entigraph_settings: dict[str, Any] = option({}, "generate: further EntiGraphConfig fields (split_words, "
+                                                    "triples, max_entities, ...)")
+    rephrase_settings: dict[str, Any] = option({}, "generate: further RephraseConfig fields (styles, samples, "
+                                                   "chunk_words, ...)")
     text_field: str = option("text", "the text field of the synthetic corpora")
     subsample_seed: int = option(0, "seed of the subsamples (one seed: each count's documents hold the smaller's)")
     epochs: float = option(2.0, "epochs over each synthetic subsample (the paper: 2)", above=0.0)
@@ -79,8 +101,9 @@ class CPTStageConfig:
     replay_tokens: int | None = option(None, "tokens read from the replay corpus at most", min=1)
     seq_len: int | None = option(None, "context of the CPT runs (default: the base's)", min=1)
     seed: int = option(0, "seed of every CPT run (data order, replay coins)", min=0)
-    ensemble_seeds: list[int] = option([], "further seeds at the largest EntiGraph count; with the first they form "
-                                           "the CPT ensemble (empty: no ensemble)")
+    ensemble_seeds: list[int] = option([], "further seeds at the largest EntiGraph count (rephrase's when there is "
+                                           "no EntiGraph corpus); with the first they form the CPT ensemble (empty: "
+                                           "no ensemble)")
     split: Literal["test", "validation", "all"] = option("test", "QuALITY articles asked about")
     limit: int | None = option(None, "QA questions at most (a seeded random subset)", min=1)
     generation: bool = option(False, "also answer by few-shot chain-of-thought generation (slow; a small model's "
@@ -114,7 +137,7 @@ class QAScore:
 
 @dataclass
 class CPTPoint:
-    corpus: str  # base, raw, rephrase, entigraph, or entigraph ensemble
+    corpus: str  # base, raw, rephrase, entigraph, or "<kind> ensemble"
     tokens: int  # tokens of the CPT corpus trained on (synthetic: the subsample; base: 0)
     run_dirs: list[str]
     articles_loss: float | None = None  # held-out loss on the QuALITY articles (for raw CPT: its own data)
@@ -166,12 +189,16 @@ class CPTResult(StageResult):
 
     def headline(self) -> list[str]:
         base = next((p for p in self.points if p.corpus == "base"), None)
-        best = max((p for p in self.points if p.corpus == "entigraph" and p.qa.acc is not None),
-                   key=lambda p: p.tokens, default=None)
-        if base is None or base.qa.acc is None or best is None or best.qa.acc is None:
+        if base is None or base.qa.acc is None:
             return []
-        return [f"cpt: QuALITY closed-book accuracy {_pct(base.qa.acc)} (base) -> {_pct(best.qa.acc)} after "
-                f"{count(best.tokens)} EntiGraph tokens (chance {_pct(base.qa.chance)})"]
+        lines = []
+        for kind in KINDS:
+            best = max((p for p in self.points if p.corpus == kind and p.qa.acc is not None), key=lambda p: p.tokens,
+                       default=None)
+            if best is not None:
+                lines.append(f"cpt: QuALITY closed-book accuracy {_pct(base.qa.acc)} (base) -> {_pct(best.qa.acc)} "
+                             f"after {count(best.tokens)} {kind} tokens (chance {_pct(base.qa.chance)})")
+        return lines
 
     def failures(self) -> list[Failure]:
         return [Failure(f"cpt / {p.corpus} / {count(p.tokens)} tokens", {}, p.run_dirs[0] if p.run_dirs else None,
@@ -203,8 +230,16 @@ def _base(ctx: Context, c: CPTStageConfig) -> str:
 def _check(ctx: Context, c: CPTStageConfig) -> None:
     if len(set(c.token_counts)) != len(c.token_counts) or any(n < 1 for n in c.token_counts):
         raise DataeffError(f"cpt.token_counts={c.token_counts}: give distinct positive token counts")
-    if not (c.rephrase or c.entigraph):
-        raise DataeffError("cpt: give cpt.entigraph and/or cpt.rephrase, the synthetic corpora (JSONL) to train on")
+    if not (c.rephrase or c.entigraph or c.generate):
+        raise DataeffError("cpt: give cpt.entigraph and/or cpt.rephrase, the synthetic corpora (JSONL) to train on, "
+                           "or cpt.generate=true to make them")
+    for name, settings, cls in (("entigraph", c.entigraph_settings, EntiGraphConfig),
+                                ("rephrase", c.rephrase_settings, RephraseConfig)):
+        owned = {"input", "llm", "out"} & set(settings)
+        if owned:
+            raise DataeffError(f"cpt.{name}_settings: {sorted(owned)} are set by the stage (the articles, the "
+                               "generator, the artifact directory)")
+        from_dict(cls, {**settings, "input": "quality"}, source=f"cpt.{name}_settings")
     for name in ("rephrase", "entigraph"):
         path = getattr(c, name)
         if path is not None and not Path(path).is_file():
@@ -288,6 +323,44 @@ def qa_loglik_job(cfg: QALoglik, out_dir: Path) -> dict[str, Any]:
         return evaluate_qa(fn, Tokenizer.load(first / "tokenizer.json"), items)
 
 
+def _generate(ctx: Context, c: CPTStageConfig, base: str, raw: Path, kinds: list[str]) -> dict[str, str | None]:
+    """Each kind's generated corpus.jsonl (None if its job failed, the reason in the report), made from the raw
+    articles through the generator; with ``serve`` the model is served by `dataeff serve` while they run."""
+    llm = dataclasses.replace(c.generator, progress=False,
+                              cache=c.generator.cache if c.generator.cache != LLMConfig().cache
+                              else str(ctx.root / "cpt_llm_cache.sqlite"))
+    served = None
+    if c.serve is not None:
+        served = base if c.serve == "base" else c.serve
+        name = "test" if served == "test" else Path(served).name
+        llm = dataclasses.replace(llm, backend="openai", base_url=f"http://127.0.0.1:{c.serve_port}/v1", model=name,
+                                  api_key_env="")
+    jobs = []
+    for kind in kinds:
+        cls, fn, settings = ((EntiGraphConfig, "dataeff.synth.entigraph:entigraph_job", c.entigraph_settings)
+                             if kind == "entigraph" else
+                             (RephraseConfig, "dataeff.synth.rephrase:rephrase_job", c.rephrase_settings))
+        job_cfg = from_dict(cls, {**settings, "input": str(raw), "llm": to_dict(llm)}, source=f"cpt.{kind}_settings")
+        jobs.append(Job(fn, job_cfg, ctx.artifact(f"cpt_{kind}", job_cfg)))
+    pending = [j for j in jobs if status(j.out_dir) != "done"]
+    # A failed generation is retried on every run: the client's cache keeps what it had, so it resumes.
+    retry = dataclasses.replace(ctx.cfg.executor, retry_failed=True)
+    ctx.say(f"cpt: generating {', '.join(kinds)}" + (f" with `dataeff serve {served}`" if served and pending else ""))
+    if served is not None and pending:
+        with serving(ServeConfig(model=served, port=c.serve_port, device=ctx.cfg.base.train.device)):
+            done = executor.run(jobs, retry, progress=ctx.progress)
+    else:
+        done = executor.run(jobs, retry, progress=ctx.progress)
+    out: dict[str, str | None] = {}
+    for kind, j, r in zip(kinds, jobs, done, strict=True):
+        corpus = j.out_dir / "corpus.jsonl"
+        ok = r.result is not None and corpus.is_file() and corpus.stat().st_size > 0
+        out[kind] = str(corpus) if ok else None
+        if not ok:
+            ctx.say(f"cpt: {kind} generation gave no corpus ({r.error or 'no text'})")
+    return out
+
+
 def _qa_jobs(ctx: Context, c: CPTStageConfig, points: list[CPTPoint], articles: Path) -> None:
     """Score every point's model on QuALITY (log-likelihood; generation too when asked), in place."""
     jobs, owners = [], []
@@ -353,11 +426,18 @@ def _run(ctx: Context, c: CPTStageConfig) -> CPTResult:
     articles = _articles(c)
     raw = _raw_corpus(ctx, articles)
     corpora = {"raw": str(raw), **{k: getattr(c, k) for k in KINDS if getattr(c, k)}}
+    missing: list[str] = []
+    if c.generate and (wanted := [k for k in KINDS if k not in corpora]):
+        for kind, path in _generate(ctx, c, base, raw, wanted).items():
+            if path is None:
+                missing.append(f"{kind}: its generation gave no corpus (see {ctx.root / ('cpt_' + kind)})")
+            else:
+                corpora[kind] = path
     probe = run_configs(_cpt_config(ctx, c, base, raw, raw, None, c.raw_epochs, [c.seed]))[0]
     assert probe.tokenizer.path is not None
     tokenizer = Tokenizer.load(probe.tokenizer.path)
     sizes = {k: _corpus_tokens(Path(p), "text" if k == "raw" else c.text_field, tokenizer) for k, p in corpora.items()}
-    result = CPTResult(base=base, corpora=corpora, corpus_tokens=sizes)
+    result = CPTResult(base=base, corpora=corpora, corpus_tokens=sizes, skipped=missing)
 
     plan: list[tuple[CPTPoint, CPTConfig]] = [
         (CPTPoint("raw", sizes["raw"], []), _cpt_config(ctx, c, base, raw, raw, None, c.raw_epochs, [c.seed]))]
@@ -371,12 +451,12 @@ def _run(ctx: Context, c: CPTStageConfig) -> CPTResult:
                 continue
             plan.append((CPTPoint(kind, n, []), _cpt_config(ctx, c, base, Path(corpora[kind]), raw, n, c.epochs,
                                                              [c.seed], c.text_field)))
-    ensemble_at = max((p.tokens for p, _ in plan if p.corpus == "entigraph"), default=None)
-    if c.ensemble_seeds and ensemble_at is not None:
+    kind = next((k for k in ("entigraph", "rephrase") if any(p.corpus == k for p, _ in plan)), None)
+    if c.ensemble_seeds and kind is not None:
+        largest = max(p.tokens for p, _ in plan if p.corpus == kind)
         seeds = [c.seed, *(s for s in c.ensemble_seeds if s != c.seed)]
-        plan.append((CPTPoint("entigraph ensemble", ensemble_at, []),
-                     _cpt_config(ctx, c, base, Path(corpora["entigraph"]), raw, ensemble_at, c.epochs, seeds,
-                                 c.text_field)))
+        plan.append((CPTPoint(f"{kind} ensemble", largest, []),
+                     _cpt_config(ctx, c, base, Path(corpora[kind]), raw, largest, c.epochs, seeds, c.text_field)))
     configs = [run_configs(cfg) for _, cfg in plan]
     ctx.say(f"cpt: {sum(len(x) for x in configs)} CPT runs from {base}")
     flat = ctx.run_jobs([r for x in configs for r in x])
@@ -444,10 +524,10 @@ def _curve_figure(r: CPTResult) -> Fig:
                     label=f"{kind}: fitted law, plateau {fit.a:.1f}%")
             ax.fill_between(fx[keep], np.array(fit.pred_low)[keep], np.array(fit.pred_high)[keep], color=color,
                             alpha=0.15, linewidth=0)
-    ens = next((p for p in r.points if p.corpus == "entigraph ensemble" and p.qa.acc is not None), None)
+    ens = next((p for p in r.points if p.corpus.endswith(" ensemble") and p.qa.acc is not None), None)
     if ens is not None:
         ax.plot([ens.tokens], [100 * (ens.qa.acc or 0)], "*", color="black", markersize=12,
-                label=f"EntiGraph CPT ensemble ×{len(ens.run_dirs)}")
+                label=f"{ens.corpus.removesuffix(' ensemble')} CPT ensemble ×{len(ens.run_dirs)}")
     for p, style, label in ((base, "--", "base model"), (raw, "-.", "raw CPT")):
         if p is not None and p.qa.acc is not None:
             ax.axhline(100 * p.qa.acc, linestyle=style, color="0.35", linewidth=1, label=f"{label} {100 * p.qa.acc:.1f}%")
