@@ -125,3 +125,24 @@ def test_a_killed_entigraph_resumes_without_sending_a_finished_request_again(tmp
     assert sum(n - 1 for n in server.counts.values()) <= 4
     records = _lines(tmp_path / "out" / "corpus.jsonl")
     assert len(records) == 6 * 9 and len({r["text"] for r in records}) == len(records)
+
+
+@pytest.mark.slow  # a spawned worker imports torch
+def test_entigraph_and_rephrase_run_as_executor_jobs(tmp_path):
+    from test_entigraph import _config as entigraph_config
+    from test_rephrase import _config as rephrase_config
+
+    from dataeff.experiment.executor import ExecutorConfig, Job, run
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    with SynthServer() as server:
+        jobs = [Job("dataeff.synth.entigraph:entigraph_job", entigraph_config(server, tmp_path / "a"), tmp_path / "eg"),
+                Job("dataeff.synth.rephrase:rephrase_job",
+                    rephrase_config(server, tmp_path / "b", fidelity={"method": "none"}), tmp_path / "rp")]
+        done = run(jobs, ExecutorConfig(workers=1), progress=False)
+        again = run(jobs, ExecutorConfig(workers=1), progress=False)
+    assert [r.status for r in done] == ["done", "done"] and [r.status for r in again] == ["skipped", "skipped"]
+    assert done[0].result["relation_texts"] == 16 and done[1].result["kept"] == 2
+    for name in ("eg", "rp"):
+        assert all("text" in r for r in _lines(tmp_path / name / "corpus.jsonl"))
