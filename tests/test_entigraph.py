@@ -197,3 +197,16 @@ def test_chunks_end_at_sentences_and_keep_every_word():
     chunks = chunk_text(text, 5)
     assert chunks[:2] == ["One two three.", "Four five six seven."]
     assert all(len(c.split()) <= 5 for c in chunks) and " ".join(chunks).split() == text.split()
+
+
+def test_the_example_configs_load():
+    from dataeff.config import load
+    from dataeff.synth.judge import JudgeConfig
+    from dataeff.synth.rephrase import RephraseConfig
+
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    vllm = load(EntiGraphConfig, configs / "entigraph_vllm.yaml")
+    assert vllm.input == "quality" and vllm.llm.base_url.endswith("/v1") and vllm.llm.budget_tokens > 0
+    assert load(EntiGraphConfig, configs / "entigraph_quality.yaml").split_words > 0
+    assert load(RephraseConfig, configs / "rephrase_quality.yaml").fidelity.method == "embedding"
+    assert load(JudgeConfig, configs / "judge_vllm.yaml").llm.model

@@ -78,7 +78,7 @@ def test_a_user_prompt_file_is_a_style_and_samples_are_kept_apart(tmp_path):
     style = tmp_path / "pirate.txt"
     style.write_text("Rewrite the passage as a pirate would tell it.\n=== user ===\n{chunk}\n")
     with SynthServer() as server:
-        metrics = rephrase_job(_config(server, tmp_path, styles=[str(style)], samples=2, fidelity={"method": "off"},
+        metrics = rephrase_job(_config(server, tmp_path, styles=[str(style)], samples=2, fidelity={"method": "none"},
                                        input=_input(tmp_path, ["One plain sentence here."])), tmp_path / "out")
         assert server.counts["One plain sentence here."] == 2  # two samples, two requests
     records = _records(tmp_path / "out" / "corpus.jsonl")
@@ -101,10 +101,10 @@ def test_a_chunk_over_the_context_fails_its_document_with_the_sizes(tmp_path):
 def test_the_budget_stops_between_chunks_and_a_rerun_continues(tmp_path):
     with SynthServer() as server:
         with pytest.raises(DataeffError, match="stopped early"):
-            rephrase_job(_config(server, tmp_path, llm={"budget_tokens": 700}, fidelity={"method": "off"}),
+            rephrase_job(_config(server, tmp_path, llm={"budget_tokens": 700}, fidelity={"method": "none"}),
                          tmp_path / "out")
         before = dict(server.counts)
-        done = rephrase_job(_config(server, tmp_path, fidelity={"method": "off"}), tmp_path / "out")
+        done = rephrase_job(_config(server, tmp_path, fidelity={"method": "none"}), tmp_path / "out")
         again = {p: n - before.get(p, 0) for p, n in server.counts.items() if n - before.get(p, 0)}
     assert done["complete"] and done["kept"] == 2 and all(n == 1 for n in again.values())
     assert not any(p in again for p in before) and done["cached"] == sum(before.values())

@@ -83,7 +83,7 @@ def test_rephrase_output_is_a_seeded_corpus_for_quality_and_training(tmp_path):
     docs = _documents(12)
     with SynthServer() as server:
         rephrase_job(rephrase_config(server, tmp_path, input=_input(tmp_path, docs), styles=["medium", "easy"],
-                                     fidelity={"method": "off"}), tmp_path / "rp")
+                                     fidelity={"method": "none"}), tmp_path / "rp")
     corpus = tmp_path / "rp" / "corpus.jsonl"
     report = run_quality(QualityConfig(synthetic=[str(corpus)], out=str(tmp_path / "q.json"), progress=False))
     [row] = report.rows

@@ -199,8 +199,10 @@ def entigraph_job(config: EntiGraphConfig, out_dir: Path) -> dict[str, Any]:
     first = run_job(cfg.llm, [r for _, r in asked], manifest=out_dir / "entities.manifest.json") if asked else None
     for (doc, _), result in zip(asked, first.results if first else [], strict=True):
         if not result.ok:
-            context_refused = result.error is not None and "context" in result.error.lower()
-            doc.status, doc.error = ("too_long" if context_refused else "failed"), result.error
+            # Refused at its first attempt (a 400 is not retried): the server counted more tokens than the
+            # client's estimate. A re-ask that outgrew the context is a failed call, not a long document.
+            refused = result.attempts == 1 and result.error is not None and "context" in result.error.lower()
+            doc.status, doc.error = ("too_long" if refused else "failed"), result.error
             continue
         doc.summary = result.parsed.summary.strip()
         doc.entities = clean_entities(result.parsed.entities, cfg.max_entities)

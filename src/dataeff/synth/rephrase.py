@@ -11,7 +11,7 @@ document in given styles, chunk by chunk, kept only if they pass a fidelity chec
 - **Fidelity** (``fidelity.method``): ``embedding`` keeps a rewrite whose every chunk has a cosine similarity
   of at least ``fidelity.threshold`` with its source chunk, in the sentence-transformers model that SBP's
   pairs use (:mod:`dataeff.synth.embed`, each text cut to the model's window); ``judge`` asks an LLM judge
-  (the ``judge_faithful_v1`` prompt) and keeps a rewrite only if every chunk is judged faithful; ``off`` keeps
+  (the ``judge_faithful_v1`` prompt) and keeps a rewrite only if every chunk is judged faithful; ``none`` keeps
   all. The rejection rate is reported.
 
 Resumable like every client job: a rerun answers finished chunks from the cache and rewrites the outputs
@@ -47,8 +47,9 @@ STYLES = ("easy", "medium", "hard", "qa")
 
 @dataclass
 class FidelityConfig:
-    method: Literal["embedding", "judge", "off"] = option("embedding", "embedding (cosine of source and rewrite), "
-                                                                      "judge (an LLM judge), or off (keep every rewrite)")
+    # "none", not "off": YAML reads a bare off as false.
+    method: Literal["embedding", "judge", "none"] = option("embedding", "embedding (cosine of source and rewrite), "
+                                                                       "judge (an LLM judge), or none (keep every rewrite)")
     threshold: float = option(0.7, "embedding: the lowest cosine a chunk's rewrite may have with its source chunk",
                               min=-1.0, max=1.0)
     encoder: str = option("all-MiniLM-L6-v2", "embedding: the sentence-transformers model (as embed.model)")
