@@ -141,4 +141,4 @@ def test_the_stage_runs_every_arm_at_every_world(small_corpus: Path, tmp_path: P
         assert [g.share for g in w.gains] == [0.25]
     again = run_pipeline(sbp_pipeline(small_corpus, tmp_path / "p"), progress=False)["sbp"]
     assert [a.losses for w in again.worlds for a in w.arms] == [a.losses for w in r.worlds for a in w.arms]
-    assert (tmp_path / "p" / "report.md").read_text().count("Synthetic Bootstrapped Pretraining") == 1
+    assert (tmp_path / "p" / "report" / "report.md").read_text().count("Synthetic Bootstrapped Pretraining") == 1

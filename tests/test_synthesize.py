@@ -98,8 +98,8 @@ def test_pair_corpus_cuts_each_side_and_uses_both_directions(world: tuple[Prepar
 
 def test_synthesizer_trains_on_d2_only_from_the_base(world: tuple[PreparedData, Path, Path], tmp_path: Path) -> None:
     _, base, pairs_dir = world
-    run = RunConfig(run_dir=str(tmp_path / "synth"), train=TrainConfig(epochs=1, batch_tokens=4 * SEQ_LEN,
-                                                                       progress=False, eval_tokens=256))
+    run = RunConfig(run_dir=str(tmp_path / "synth"), data=DataConfig(cache_dir=str(tmp_path / "cache")),
+                    train=TrainConfig(epochs=1, batch_tokens=4 * SEQ_LEN, progress=False, eval_tokens=256))
     cfg = SynthesizerConfig(base=str(base), pairs=str(pairs_dir), run=run, corpus=str(tmp_path / "c.jsonl"))
     rc = synthesizer_run(cfg, tmp_path / "c.jsonl")
     assert rc.train.init_from == str(base) and rc.train.shuffle == "padded" and rc.data.prompt_field == "d1"

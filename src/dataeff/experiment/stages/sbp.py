@@ -179,7 +179,8 @@ class SBPResult(StageResult):
 
 
 def _ratio(share: float) -> str:
-    return f"1:{(1 - share) / share:.3g}"
+    """A synthetic share as synthetic:real, to a tenth (0.111 is 1:8)."""
+    return f"1:{round((1 - share) / share, 1):g}"
 
 
 def _pct(v: float | None) -> str:
