@@ -403,7 +403,7 @@ def _loop(cfg: RunConfig, run_dir: Path, data: _Data, model: Transformer, optimi
             if len(probe) == PROBE_STEPS:
                 probing = False
                 # Every rank decides on the same (mean) time, so under DDP all compile or none does.
-                seconds = float(dist.all_reduce_mean(torch.tensor(float(np.median(probe))), info))
+                seconds = float(dist.all_reduce_mean(torch.tensor(float(np.median(probe)), device=device), info))
                 decision = decide(plan.total_steps - done_steps, seconds, model.cfg.n_layers)
                 if decision.compile:
                     fwd_model = torch.compile(fwd_model)  # type: ignore[assignment]
