@@ -16,7 +16,7 @@ from dataeff.errors import DataeffError
 from dataeff.experiment.executor import ExecutorConfig
 from dataeff.experiment.fitting import FitConfig
 from dataeff.experiment.stage import Stage, plain
-from dataeff.experiment.stages import distillation, downstream, ensembles, overfitting, tuning
+from dataeff.experiment.stages import cpt, distillation, downstream, ensembles, overfitting, sbp, tuning
 from dataeff.experiment.tune import RecipeConfig
 from dataeff.fsutil import atomic_write_text
 from dataeff.train.config import RunConfig
@@ -44,6 +44,8 @@ class PipelineConfig:
     ensembles: ensembles.EnsembleStageConfig = section(ensembles.EnsembleStageConfig, "ensembles of every size: K-laws and the joint limit")
     distillation: distillation.DistillStageConfig = section(distillation.DistillStageConfig, "distilling an ensemble into one model")
     downstream: downstream.DownstreamStageConfig = section(downstream.DownstreamStageConfig, "downstream tasks of the models of one size")
+    sbp: sbp.SBPStageConfig = section(sbp.SBPStageConfig, "Synthetic Bootstrapped Pretraining against repetition and an oracle, by world size")
+    cpt: cpt.CPTStageConfig = section(cpt.CPTStageConfig, "synthetic continued pretraining on QuALITY: raw vs rephrase vs EntiGraph")
 
 
 STAGES: list[Stage] = [
@@ -52,6 +54,8 @@ STAGES: list[Stage] = [
     ensembles.STAGE,
     distillation.STAGE,
     downstream.STAGE,
+    sbp.STAGE,
+    cpt.STAGE,
 ]
 
 

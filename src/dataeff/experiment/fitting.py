@@ -28,6 +28,15 @@ class FitConfig:
     sigma: float | None = option(None, "seed-to-seed noise of log loss for the parametric bootstrap (default: "
                                        "measured from the seeds when there are several)", above=0.0)
     params: Literal["total", "non_embedding"] = option("total", "which parameter count is the N of L(N)")
+    paired_method: Literal["auto", "seeds", "parametric"] = option(
+        "auto", "paired comparisons: resample seeds jointly across recipes (seeds), or draw seed noise with its "
+        "measured cross-recipe correlation (parametric); auto resamples seeds from min_seed_resample seeds on")
+    min_seed_resample: int = option(5, "seeds per point from which auto resamples seeds rather than drawing noise",
+                                    min=2)
+    entropy_floor: float | None = option(
+        None, "a known entropy of the data in nats per token (e.g. a synthetic world's exact entropy rate): the "
+              "lowest E the profile likelihood considers. Set it only when it is a fact, never to tighten an "
+              "interval", min=0.0)
 
 
 Interval = tuple[float | None, float | None]
@@ -95,19 +104,25 @@ def fit_with_intervals(x: list[float], y: list[float], f: FitConfig, sigma: floa
     )
 
 
-def pooled_sigma(seed_losses: list[list[float]]) -> float | None:
-    """The noise of a tuned point's mean log loss, pooled over every point measured on several seeds."""
-    deviations, dof, n_seeds = 0.0, 0, 0
+def seed_noise(seed_losses: list[list[float]]) -> tuple[float, int] | None:
+    """(σ of one run's log loss, its degrees of freedom), pooled over every point measured on several seeds."""
+    deviations, dof = 0.0, 0
     for losses in seed_losses:
         if len(losses) < 2:
             continue
         logs = np.log(losses)
         deviations += float(((logs - logs.mean()) ** 2).sum())
         dof += len(logs) - 1
-        n_seeds = len(logs)
     if dof == 0 or deviations == 0:
         return None
-    return math.sqrt(deviations / dof) / math.sqrt(n_seeds)
+    return math.sqrt(deviations / dof), dof
+
+
+def pooled_sigma(seed_losses: list[list[float]]) -> float | None:
+    """The noise of a tuned point's mean log loss, pooled over every point measured on several seeds."""
+    noise = seed_noise(seed_losses)
+    n_seeds = max((len(s) for s in seed_losses if len(s) >= 2), default=1)
+    return None if noise is None else noise[0] / math.sqrt(n_seeds)
 
 
 @dataclass
@@ -121,18 +136,28 @@ class Multiplier:
     # By interpolating the baseline's measured losses, never extrapolated; None with the reason in the note.
     interpolated: float | None = None
     interpolated_note: str = ""
+    # The target's replicates interpolated on the baseline's losses redrawn with the seed noise. An upper end
+    # beyond the largest budget is None (unbounded), and so is a lower end short of the smallest; a lower end
+    # beyond the largest is that budget's multiplier (all that the measurements can say).
+    interpolated_ci: Interval | None = None
+    decided: bool = False  # the paired comparison says the target is lower and both lower ends exceed 1
+    decision: str = ""  # in words, also when not decided
 
 
 def multiplier(loss: float, data_scaling: Fit, budgets: list[float], best_by_budget: list[float], world: int,
-               ci: float, replicates: np.ndarray | None = None) -> Multiplier:
+               ci: float, replicates: np.ndarray | None = None, baseline_sigma: float | None = None,
+               seed: int = 0) -> Multiplier:
     """The multiplier of ``loss`` against the baseline's token law. ``replicates`` are bootstrap samples of the
     loss itself (an asymptote's), paired one to one with the token law's refits so both fits' uncertainty
-    enters the interval; without them the loss is held fixed."""
+    enters the interval; without them the loss is held fixed. The interpolated interval redraws the
+    baseline's measured losses with ``baseline_sigma`` (the noise of a point's mean log loss), if given."""
     out = Multiplier(loss=loss)
     try:
         interp = scaling.multiplier_interpolated(loss, budgets, best_by_budget, world)
         out.interpolated = interp.value if interp.in_range else None
         out.interpolated_note = "" if interp.in_range else "outside the measured budgets (not extrapolated)"
+        out.interpolated_ci = _interpolated_ci(loss, budgets, best_by_budget, world, ci, replicates, baseline_sigma,
+                                               seed)
     except DataeffError as e:
         out.interpolated_note = str(e)
     if data_scaling.refused is not None:
@@ -150,6 +175,32 @@ def multiplier(loss: float, data_scaling: Fit, budgets: list[float], best_by_bud
     q = [(1 - ci) / 2, (1 + ci) / 2]
     out.power_law_ci = tuple(_bounded(float(reps[round(p * (len(reps) - 1))])) for p in q)  # type: ignore[assignment]
     return out
+
+
+def _interpolated_ci(loss: float, budgets: list[float], best_by_budget: list[float], world: int, ci: float,
+                     replicates: np.ndarray | None, sigma: float | None, seed: int) -> Interval | None:
+    if replicates is None and sigma is None:
+        return None
+    rng = np.random.default_rng(seed)
+    n = len(replicates) if replicates is not None else 1000
+    targets = np.asarray(replicates, dtype=float) if replicates is not None else np.full(n, loss)
+    base = np.log(np.asarray(best_by_budget, dtype=float))
+    values = []
+    for t in targets:
+        curve = np.exp(base + (rng.normal(0.0, sigma, len(base)) if sigma else 0.0))
+        try:
+            v = scaling.multiplier_interpolated(float(t), budgets, curve, world).value
+        except DataeffError:  # this redraw of the baseline does not fall with every budget
+            continue
+        # Above the worst measured loss ranks below every measured budget, below the best beyond every one.
+        values.append(0.0 if math.isnan(v) else v)
+    if not values:
+        return None
+    reps = np.sort(values)
+    lo, hi = (float(reps[round(p * (len(reps) - 1))]) for p in ((1 - ci) / 2, (1 + ci) / 2))
+    # A lower end beyond every measured budget is known only to exceed the largest one's multiplier; one short
+    # of the smallest budget is unknown.
+    return (min(lo, max(budgets) / world) if lo > 0 else None, _bounded(hi))
 
 
 def _bounded(v: float) -> float | None:

@@ -557,6 +557,20 @@ def _bootstrap_params(
     return out
 
 
+def refit_samples(x: ArrayLike, y: ArrayLike, log_y: np.ndarray, *, huber_delta: float = 1e-3) -> np.ndarray:
+    """(rows, 3) array of (E, A, alpha): the law refitted to every row of ``log_y`` (simulated log losses at
+    ``x``, e.g. a paired bootstrap's), each started from the fit to ``(x, y)`` as bootstrap refits are."""
+    xa, ya, wa = _as_arrays(x, y)
+    fit, prob = _fit(xa, ya, wa, huber_delta, None, False)
+    logz = np.atleast_2d(np.asarray(log_y, dtype=float)) - math.log(prob.y_scale)
+    theta = _refit_many(prob, logz, np.ones_like(logz), prob.theta_of(fit))
+    out = np.empty((len(logz), 3))
+    out[:, 0] = theta[:, 0] * prob.y_scale
+    out[:, 1] = np.exp(theta[:, 1] + math.log(prob.y_scale) + theta[:, 2] * math.log(prob.x_scale))
+    out[:, 2] = theta[:, 2]
+    return out
+
+
 def bootstrap_fit(
     x: ArrayLike,
     y: ArrayLike,

@@ -23,6 +23,13 @@ from matplotlib.lines import Line2D
 from dataeff.config import option
 from dataeff.data.tokens import prepare
 from dataeff.errors import DataeffError
+from dataeff.experiment.comparison import (
+    Comparison,
+    ProfileResult,
+    compare_recipes,
+    method_text,
+    profile_result,
+)
 from dataeff.experiment.executor import JobResult
 from dataeff.experiment.fitting import (
     Fit,
@@ -31,11 +38,12 @@ from dataeff.experiment.fitting import (
     fit_with_intervals,
     multiplier,
     pooled_sigma,
+    seed_noise,
 )
 from dataeff.experiment.stage import Context, Failure, Stage, StageResult, world_budget
 from dataeff.experiment.tune import Evaluation, RecipeConfig, Tuner, TuneResult, builtin_recipes
 from dataeff.fsutil import read_jsonl
-from dataeff.model.config import count_parameters
+from dataeff.model.config import PRESETS, count_parameters
 from dataeff.report.blocks import (
     MISSING,
     Block,
@@ -118,6 +126,11 @@ class TuningResult(StageResult):
     verdict: list[str]
     data_scaling: DataScaling | None = None
     multipliers: dict[str, Multiplier] = field(default_factory=dict)
+    # Each recipe against the baseline, paired; and each recipe's E by profile likelihood.
+    comparisons: list[Comparison] = field(default_factory=list)
+    profiles: dict[str, ProfileResult] = field(default_factory=dict)
+    seed_sigma_run: float | None = None  # the seed noise of one run's log loss
+    seed_dof: int | None = None
 
     def headline(self) -> list[str]:
         return self.verdict
@@ -134,6 +147,11 @@ class TuningResult(StageResult):
             if t.recipe == recipe and t.size == size and t.budget == budget:
                 return t
         raise DataeffError(f"pipeline: recipe {recipe!r} was not tuned at size {size!r}")
+
+    def seed_losses(self, recipe: str, size: str, budget: int) -> list[float]:
+        """The per-seed losses of a tuned optimum, tuning seeds first, then confirmation seeds."""
+        t = self.optimum(recipe, size, budget)
+        return next((list(e.seed_losses) for e in t.evaluations if e.values == t.best), [])
 
     def at_budget(self, recipe: str, budget: int) -> list[TunedPoint]:
         """The recipe's tuned points at one budget, smallest model first."""
@@ -300,7 +318,12 @@ def analyse(cfg: Any, tasks: list[TuningProblem], vocab: int, world: int) -> Tun
     params = {s: _params(cfg, s, vocab) for s in sorted({t.size for t in tasks})}
     tuned = [_tuned_point(t, params[t.size]) for t in tasks]
     at_world = {(t.recipe, t.size): t for t in tuned if t.budget == world}
+    noise = seed_noise(_optimum_seed_losses(tasks))
     sigma = cfg.fit.sigma or pooled_sigma(_optimum_seed_losses(tasks))
+    n_seeds = len(dict.fromkeys([*cfg.seeds, *cfg.confirm_seeds]))
+    # fit.sigma is the noise of a point's mean; one run's is √seeds larger.
+    sigma_run, sigma_dof = noise if noise is not None else (
+        (cfg.fit.sigma * math.sqrt(n_seeds), None) if cfg.fit.sigma else (None, None))
 
     fits: dict[str, Fit] = {}
     for r in recipes:
@@ -311,16 +334,21 @@ def analyse(cfg: Any, tasks: list[TuningProblem], vocab: int, world: int) -> Tun
     baseline = ds.recipe if ds.budgets else (recipes[0].name if recipes else "standard")
     std_at_world = [at_world[(baseline, s)].best_loss for s in cfg.sizes if (baseline, s) in at_world]
     standard_best = min((v if v is not None else math.inf) for v in std_at_world) if std_at_world else math.nan
+    out = TuningResult(
+        sizes=list(cfg.sizes), params=params, recipes=recipes, tuned=tuned, fits=fits,
+        standard_best=finite_or_none(standard_best), baseline_recipe=baseline, seed_sigma=sigma,
+        verdict=[], seed_sigma_run=sigma_run, seed_dof=sigma_dof)
+    out.profiles = _profiles(cfg, out, vocab, world, sigma_run, sigma_dof)
+    out.comparisons = [_compare(cfg, out, r.name, baseline, world, sigma_run) for r in recipes if r.name != baseline]
 
-    data_scaling, multipliers = None, {}
     if ds.budgets:
         budgets = sorted({world, *ds.budgets})
         best_by_budget = [min((t.best_loss if t.best_loss is not None else math.inf) for t in tuned
                               if t.recipe == ds.recipe and t.budget == b and (not ds.sizes or t.size in ds.sizes))
                           for b in budgets]
         fit = fit_with_intervals([float(b) for b in budgets], best_by_budget, cfg.fit, sigma)
-        data_scaling = DataScaling(**dataclasses.asdict(fit), budgets=budgets,
-                                   best_loss=[finite_or_none(v) for v in best_by_budget])
+        out.data_scaling = DataScaling(**dataclasses.asdict(fit), budgets=budgets,
+                                       best_loss=[finite_or_none(v) for v in best_by_budget])
         targets: dict[str, tuple[float | None, np.ndarray | None]] = {
             f"{name} asymptote": (f.E, np.asarray(f.replicates["E"]) if f.replicates else None)
             for name, f in fits.items() if f.refused is None}
@@ -329,13 +357,76 @@ def analyse(cfg: Any, tasks: list[TuningProblem], vocab: int, world: int) -> Tun
             targets[f"{r.name} best"] = (min((v if v is not None else math.inf) for v in best), None)
         for label, (target, reps) in targets.items():
             if target is not None and math.isfinite(target):
-                multipliers[label] = multiplier(target, data_scaling, [float(b) for b in budgets], best_by_budget, world,
-                                                cfg.fit.ci, reps)
-    return TuningResult(
-        sizes=list(cfg.sizes), params=params, recipes=recipes, tuned=tuned, fits=fits,
-        standard_best=finite_or_none(standard_best), baseline_recipe=baseline, seed_sigma=sigma,
-        verdict=_verdict(recipes, fits, standard_best, cfg.fit.ci), data_scaling=data_scaling, multipliers=multipliers,
-    )
+                m = multiplier(target, out.data_scaling, [float(b) for b in budgets], best_by_budget, world, cfg.fit.ci,
+                               reps, baseline_sigma=sigma, seed=cfg.fit.seed)
+                decide(m, *_evidence(out, label, world))
+                out.multipliers[label] = m
+    out.verdict = _verdict(recipes, fits, standard_best, cfg.fit.ci) + [c.sentence for c in out.comparisons] + \
+        [p.statement for p in out.profiles.values()]
+    return out
+
+
+def _profiles(cfg: Any, t: TuningResult, vocab: int, world: int, sigma_run: float | None,
+              sigma_dof: int | None) -> dict[str, ProfileResult]:
+    presets = list(PRESETS)
+    largest = max(cfg.sizes, key=lambda s: t.params[s])
+    after = presets[presets.index(largest) + 1:][:2] if largest in presets else []
+    next_sizes = [(s, float(_params(cfg, s, vocab))) for s in after]
+    out = {}
+    for name in t.fits:
+        pts = [p for p in t.at_budget(name, world) if p.best_loss is not None]
+        out[name] = profile_result(name, [float(p.params) for p in pts], [float(p.best_loss) for p in pts],  # type: ignore[arg-type]
+                                   [max(len(t.seed_losses(name, p.size, world)), 1) for p in pts], sigma_run, sigma_dof,
+                                   cfg.fit, next_sizes)
+    return out
+
+
+def _compare(cfg: Any, t: TuningResult, a: str, b: str, world: int, sigma_run: float | None) -> Comparison:
+    sizes = [s for s in cfg.sizes if t.optimum(a, s, world).best_loss is not None
+             and t.optimum(b, s, world).best_loss is not None]
+    return compare_recipes(a, b, sizes, [t.params[s] for s in sizes], [t.seed_losses(a, s, world) for s in sizes],
+                           [t.seed_losses(b, s, world) for s in sizes], cfg.fit, sigma_run)
+
+
+def decide(m: Multiplier, lower: bool | None, evidence: str) -> None:
+    """Whether a multiplier is decided: the paired comparison (``evidence``, ``lower`` its verdict; None when
+    there is none) says the target is lower than the baseline's, and the lower end of each interval that was
+    measured exceeds 1. Always in words."""
+    lows = {name: ci[0] for name, ci in (("power law", m.power_law_ci), ("interpolated", m.interpolated_ci))
+            if ci is not None}
+    if not lower:
+        m.decision = f"not decided: {evidence}"
+        return
+    above = {k: v for k, v in lows.items() if v is not None and v > 1}
+    if lows and len(above) == len(lows):
+        m.decided = True
+        m.decision = "decided: more than 1× (" + ", ".join(f"{k} ≥ {v:.2f}×" for k, v in above.items()) + ")"
+    else:
+        m.decision = (f"not decided: {evidence}, but the multiplier's interval reaches 1 (the token law's or the "
+                      "baseline's uncertainty)")
+
+
+def _evidence(t: TuningResult, label: str, world: int) -> tuple[bool | None, str]:
+    """The paired verdict behind a multiplier's target: the asymptotes' difference, or the difference at the
+    size where the recipe's best loss was reached."""
+    name, kind = label.rsplit(" ", 1)
+    if name == t.baseline_recipe:
+        return None, f"the {name} recipe is the 1× reference"
+    c = next((c for c in t.comparisons if c.a == f"{name} asymptote"), None)
+    if c is None:
+        return None, f"no paired comparison of {name} against the {t.baseline_recipe} recipe"
+    if kind == "asymptote":
+        if c.refused is not None:
+            return None, f"no paired comparison ({c.refused})"
+        return c.decided_lower, (f"the paired interval of {c.a} − {c.b} says {name} is lower" if c.decided_lower else
+                                 f"the paired interval of {c.a} − {c.b} does not say {name} is lower")
+    best = min((p for p in t.at_budget(name, world) if p.best_loss is not None), key=lambda p: p.best_loss or math.inf)
+    d = next((d for d in c.at_sizes if d.size == best.size), None)
+    if d is None or d.ci[1] is None:
+        return None, f"no paired interval at {best.size} (one seed)"
+    lower = d.verdict == "lower"
+    return lower, (f"the paired interval at {best.size} says {name} is lower" if lower else
+                   f"the paired interval at {best.size} does not say {name} is lower")
 
 
 def _verdict(recipes: list[RecipeConfig], fits: dict[str, Fit], standard_best: float, ci: float) -> list[str]:
@@ -368,14 +459,19 @@ def _section(results: Any, root: Path) -> list[Block]:
         Para(f"L(x) = E + A·x^-α with {ci:.0%} bootstrap intervals; leave-largest-out refits without the largest x "
              "and predicts it (the honest test of an extrapolation)."),
         _fits_table(t, ci),
+        *comparison_blocks(t.comparisons, ci),
+        *_profile_blocks(t, ci),
         Heading("Data efficiency"), _fig_data_efficiency(t, multipliers, world, ci),
     ]
     if multipliers:
         blocks += [Para(f"Multiplier = tokens the {t.baseline_recipe} recipe needs to reach the loss, over the "
                         "world's budget: from its fitted token law (power law) or by interpolating its measured losses "
-                        "(never extrapolated)."),
-                   Table(["target", "loss", f"power law [{ci:.0%} CI]", "interpolated"],
-                         [[label, loss(m.loss), *multiplier_cells(m)] for label, m in multipliers.items()])]
+                        "(never extrapolated). A multiplier is decided when the paired comparison says its target is "
+                        "lower than the baseline's and the lower end of its interval exceeds 1."),
+                   Table(["target", "loss", f"power law [{ci:.0%} CI]", "interpolated", f"interpolated [{ci:.0%} CI]",
+                          "decision"],
+                         [[label, loss(m.loss), *multiplier_cells(m), interval(m.interpolated_ci, mult),
+                           m.decision or MISSING] for label, m in multipliers.items()])]
     else:
         blocks.append(Para("No multipliers: the data-scaling baseline was not run."))
     blocks += [Heading("Tuned hyperparameters"),
@@ -383,6 +479,67 @@ def _section(results: Any, root: Path) -> list[Block]:
                *_tuned_tables(t, world),
                Heading("Training curves"), _fig_training_curves(t, world, root)]
     return blocks
+
+
+def comparison_blocks(comparisons: list[Comparison], ci: float) -> list[Block]:
+    """The paired differences: the verdict of each in words, the asymptotes' table and the matched sizes'."""
+    if not comparisons:
+        return []
+    rows: list[list[str | Cell]] = []
+    for c in comparisons:
+        if c.refused is not None:
+            rows.append([f"{c.a} − {c.b}", Cell("refused", c.refused), MISSING, MISSING, MISSING])
+            continue
+        noise = (f"σ {c.noise['sigma_a']:.4f} / {c.noise['sigma_b']:.4f}, ρ {c.noise['rho']:+.2f}, "
+                 f"{c.noise['dof']:.0f} dof" if c.noise else MISSING)
+        rows.append([f"{c.a} − {c.b}", f"{c.diff:+.4f} {interval(c.ci, _signed)}", Cell(c.method or MISSING,
+                     method_text(c.method)), noise, c.verdict])
+    blocks: list[Block] = [
+        Heading("Paired comparisons", 3),
+        Para("The difference of two asymptotes with a paired interval: the seeds of both recipes are resampled (or "
+             "their noise drawn, with its measured correlation) together, so the verdict comes from the interval of "
+             "the difference, not from two overlapping marginal intervals."),
+        *(Para(c.sentence + ".") for c in comparisons),
+        Table(["difference", f"asymptote [{ci:.0%} CI]", "method", "seed noise (one run's log loss)", "verdict"], rows),
+    ]
+    sized = [c for c in comparisons if c.at_sizes]
+    if sized:
+        sizes = list(dict.fromkeys(d.size for c in sized for d in c.at_sizes))
+        table_rows: list[list[str | Cell]] = []
+        for c in sized:
+            by = {d.size: d for d in c.at_sizes}
+            table_rows.append([f"{c.a.removesuffix(' asymptote')} − {c.b.removesuffix(' asymptote')}",
+                               *(Cell(f"{by[s].diff:+.4f} {interval(by[s].ci, _signed)}", by[s].verdict)
+                                 if s in by else MISSING for s in sizes)])
+        dof = next((c.at_sizes_dof for c in sized if c.at_sizes_dof), None)
+        blocks += [Para("Loss differences at each matched size, with paired t intervals on the seed-wise differences "
+                        + (f"(variance pooled over sizes, {dof} dof)." if dof else "(none: one seed per point).")),
+                   Table(["difference", *sizes], table_rows)]
+    return blocks
+
+
+def _signed(v: float | None) -> str:
+    return MISSING if v is None else f"{v:+.4f}"
+
+
+def _profile_blocks(t: TuningResult, ci: float) -> list[Block]:
+    if not t.profiles:
+        return []
+    rows: list[list[str | Cell]] = []
+    for name, p in t.profiles.items():
+        if p.refused is not None:
+            rows.append([name, Cell("refused", p.refused), MISSING, MISSING])
+            continue
+        lo = loss(p.ci[0]) if p.bounded_below and p.ci else Cell("not bounded", f"E = {p.floor:g} is within the cut")
+        hi = loss(p.ci[1]) if p.ci and p.ci[1] is not None else Cell("smallest loss", "not bounded above by the law")
+        rows.append([name, loss(p.E), lo, hi])
+    return [Heading("Profile-likelihood intervals of E", 3),
+            Para("E over a grid, A and α refitted at each, and a χ² cut (F(1, ν) when the seed noise was measured on "
+                 "ν dof) from the measured seed noise. The lowest E considered is "
+                 + ("the known entropy floor of the data." if any(p.floor_is_entropy for p in t.profiles.values())
+                    else "0 (no entropy floor is known for this world).")),
+            *(Para(p.statement + ".") for p in t.profiles.values()),
+            Table(["recipe", "E (least squares)", f"lower end [{ci:.0%}]", "upper end"], rows)]
 
 
 def multiplier_cells(m: Multiplier) -> list[str | Cell]:
