@@ -42,7 +42,9 @@ def ray_cluster():
     ray.shutdown()
 
 
-@pytest.fixture(params=["local", "ray"])
+# Ray's first jobs start its workers and import torch in them: the slowest part of the default suite (7.5 of its
+# 10 minutes at a load of 10 on 2 cores), so the Ray half of these tests runs with the slow tests.
+@pytest.fixture(params=["local", pytest.param("ray", marks=pytest.mark.slow)])
 def backend(request) -> str:
     if request.param == "ray":
         request.getfixturevalue("ray_cluster")

@@ -9,6 +9,7 @@ moves while a long run trains.
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from typing import TextIO
@@ -36,12 +37,13 @@ class PipelineProgress:
         self.job_seconds: list[float] = []
         self.started = time.perf_counter()
         self._lock = threading.Lock()
+        self._file = file
         self._bar = tqdm(total=None, bar_format="{desc}", disable=not enabled, file=file, dynamic_ncols=True,
                          leave=True)
         self._stop = threading.Event()
         self._ticker = None
         # Redrawn every second on a terminal; in a log, only when something happens.
-        if enabled and getattr(self._bar.fp, "isatty", lambda: False)():
+        if enabled and getattr(file or sys.stderr, "isatty", lambda: False)():
             self._ticker = threading.Thread(target=self._tick, args=(refresh,), daemon=True, name="dataeff-progress")
             self._ticker.start()
 
@@ -86,7 +88,7 @@ class PipelineProgress:
 
     def write(self, message: str) -> None:
         """A message above the line, which stays last."""
-        self._bar.write(message, file=self._bar.fp)
+        self._bar.write(message, file=self._file)
 
     def draw(self) -> None:
         self._bar.set_description_str(self.line(), refresh=True)

@@ -130,10 +130,12 @@ def world_budget(cfg: PipelineConfig) -> int:
 
 
 def run_config(cfg: PipelineConfig, size: str, budget: int, values: dict[str, Any], seed: int, source: str) -> RunConfig:
-    """The base config with a size, budget, seed and the recipe's knob values applied (keys are validated)."""
+    """The base config with a size, budget, seed and the recipe's knob values applied (keys are validated).
+    Its runs are grouped under the pipeline's name in experiment trackers (not part of a run's identity)."""
     data = to_dict(cfg.base)
     merge(data, unflatten({"model.preset": size, "data.train_tokens": budget, "train.init_seed": seed,
-                           "train.data_seed": seed, "run_dir": None, **values}))
+                           "train.data_seed": seed, "run_dir": None,
+                           "train.log_group": cfg.base.train.log_group or cfg.name, **values}))
     return from_dict(RunConfig, data, source=source)
 
 

@@ -70,6 +70,11 @@ class TrainConfig:
     snapshot_fraction: float = option(0.25, "share of the run, at its end, that train.snapshots spans")
     log_every: int = option(10, "steps between training-loss rows in metrics.jsonl", min=1)
     progress: bool = option(True, "show a progress bar")
+    loggers: list[Literal["tensorboard", "wandb"]] = option(
+        [], "mirror metrics.jsonl to TensorBoard (RUN_DIR/tensorboard) and/or Weights & Biases (offline unless "
+            "WANDB_MODE says otherwise); needs pip install 'dataeff[track]'")
+    wandb_project: str = option("dataeff", "the Weights & Biases project")
+    log_group: str | None = option(None, "the group of the run in Weights & Biases (a pipeline sets its name)")
 
 
 @dataclass
@@ -105,7 +110,8 @@ class RunConfig:
 
 
 # Fields that do not change what a run computes: they are left out of its identity.
-_NOT_IDENTITY = {("run_dir",), ("data", "cache_dir"), ("train", "progress"), ("train", "threads"), ("train", "log_every")}
+_NOT_IDENTITY = {("run_dir",), ("data", "cache_dir"), ("train", "progress"), ("train", "threads"), ("train", "log_every"),
+                 ("train", "loggers"), ("train", "wandb_project"), ("train", "log_group")}
 # A run's identity leaves out every field at its default, so adding a field never changes an existing run's
 # hash. Bump this whenever a default of RunConfig (or of a section in it) changes: an old run trained with the
 # old default must not answer for the new one. tests/test_config.py pins the defaults each version stands for.

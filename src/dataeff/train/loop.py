@@ -41,6 +41,7 @@ from dataeff.train.identity import default_run_dir, difference, recorded_identit
 from dataeff.train.memory import keep_freed_memory
 from dataeff.train.optim import build_optimizers, lr_multiplier
 from dataeff.train.rundir import MetricsLog, manifest, mark_done, mark_failed, read_result, run_lock, status
+from dataeff.train.trackers import open_trackers
 
 
 @dataclass(frozen=True)
@@ -321,11 +322,16 @@ def _train(cfg: RunConfig, run_dir: Path, info: dist.DistInfo) -> dict[str, Any]
     objective = _objective(cfg, run_dir, data, info)
     # Peak rates come from the config: a checkpoint's param groups hold the scheduled rate of its step.
     base_lrs = [[g["lr"] for g in opt.param_groups] for opt in optimizers]
-    log = MetricsLog(run_dir / "metrics.jsonl")
-    start_step = _resume(run_dir / "checkpoints", model, optimizers, averager, log, cfg, info)
-    last_loss, compiled = _loop(cfg, run_dir, data, model, optimizers, base_lrs, averager, objective, log, start_step,
-                                info)
-    return _finish(cfg, run_dir, data, model, optimizers, averager, log, last_loss, compiled, info)
+    trackers = open_trackers(cfg, run_dir) if info.is_main else []
+    try:
+        log = MetricsLog(run_dir / "metrics.jsonl", mirrors=[tr.log for tr in trackers])
+        start_step = _resume(run_dir / "checkpoints", model, optimizers, averager, log, cfg, info)
+        last_loss, compiled = _loop(cfg, run_dir, data, model, optimizers, base_lrs, averager, objective, log,
+                                    start_step, info)
+        return _finish(cfg, run_dir, data, model, optimizers, averager, log, last_loss, compiled, info)
+    finally:
+        for tr in trackers:
+            tr.close()
 
 
 def _loop(cfg: RunConfig, run_dir: Path, data: _Data, model: Transformer, optimizers: list[torch.optim.Optimizer],
@@ -397,7 +403,7 @@ def _loop(cfg: RunConfig, run_dir: Path, data: _Data, model: Transformer, optimi
             if len(probe) == PROBE_STEPS:
                 probing = False
                 # Every rank decides on the same (mean) time, so under DDP all compile or none does.
-                seconds = float(dist.all_reduce_mean(torch.tensor(float(np.median(probe))), info))
+                seconds = float(dist.all_reduce_mean(torch.tensor(float(np.median(probe)), device=device), info))
                 decision = decide(plan.total_steps - done_steps, seconds, model.cfg.n_layers)
                 if decision.compile:
                     fwd_model = torch.compile(fwd_model)  # type: ignore[assignment]

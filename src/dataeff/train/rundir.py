@@ -20,7 +20,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -114,10 +114,12 @@ def run_lock(run_dir: str | Path) -> contextlib.AbstractContextManager[None]:
 
 
 class MetricsLog:
-    """Append-only ``metrics.jsonl``; on resume, rows after the checkpoint's step are dropped."""
+    """Append-only ``metrics.jsonl``; on resume, rows after the checkpoint's step are dropped. Each row
+    written is also passed to every ``mirror`` (experiment trackers), after the file has it."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, mirrors: Sequence[Callable[[dict[str, Any]], None]] = ()):
         self.path = Path(path)
+        self.mirrors = list(mirrors)
 
     def rewind(self, step: int) -> None:
         self._keep(lambda r: r.get("step", 0) <= step)
@@ -136,6 +138,8 @@ class MetricsLog:
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
             f.flush()
+        for mirror in self.mirrors:
+            mirror(row)
 
     def rows(self) -> list[dict[str, Any]]:
         return read_jsonl(self.path)
