@@ -1,12 +1,14 @@
 """Training throughput: dataeff's trainer vs a plain fp32 PyTorch loop vs HF LlamaForCausalLM, same shape.
 
-All three train the same ~10M-parameter Llama shape with AdamW on the same batches in one process, one after
-another, so they share the machine's state. Prints tokens/s for each, the ratios, MFU against the bf16 matmul
-peak measured in the same run, and the loss curves side by side (speed must not cost quality). The last line is
-one JSON object: dataeff_tok_s, reference_tok_s, hf_tok_s, mfu, params.
+All of them train the same ~10M-parameter Llama shape with AdamW on the same batches in one process. The rows
+are interleaved (A, B, C, D, A, B, C, D, ...) so that a burst of load from other processes hits them alike,
+and each row's median over the repeats is reported with its spread (min-max, and as a share of the median).
+Prints tokens/s for each, the ratios of the medians, MFU against the bf16 matmul peak measured in the same
+run, and the loss curves side by side (speed must not cost quality). The last line is one JSON object:
+dataeff_tok_s, reference_tok_s, hf_tok_s, dataeff_compile_tok_s (medians), their spreads, mfu, params.
 
     python bench/train_throughput.py            # ~10M parameters, a few minutes
-    python bench/train_throughput.py --quick    # under a minute
+    python bench/train_throughput.py --quick    # 3 repeats of short runs: a few minutes
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import math
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +54,15 @@ def write_corpus(path: Path, n_docs: int, seed: int = 0) -> None:
     p /= p.sum()
     docs = [" ".join(rng.choice(words, size=rng.integers(100, 400), p=p)) for _ in range(n_docs)]
     path.write_text("\n\n".join(docs), encoding="utf-8")
+
+
+def median(values: list[float]) -> float:
+    return float(np.median(values))
+
+
+def spread(values: list[float]) -> float:
+    """(max - min) / median: how far apart the repeats of a row landed."""
+    return (max(values) - min(values)) / median(values)
 
 
 def run_dataeff(cfg: RunConfig, warmup: int) -> tuple[float, list[float]]:
@@ -101,10 +113,12 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer, smaller steps: under a minute")
     parser.add_argument("--preset", default="10m")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
+    parser.add_argument("--reps", type=int, default=0, help="interleaved repeats of every row (0: 3, or 5 without --quick)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     steps, warmup, batch_tokens, seq_len = (6, 2, 4096, 256) if args.quick else (24, 4, 8192, 256)
+    reps = args.reps or (3 if args.quick else 5)
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp_path = Path(tmp)
@@ -121,41 +135,71 @@ def main() -> None:
         split = prepared.split("train")
         order = EpochOrder(split.tokens, split.doc_offsets, seq_len, seed=0)
         epochs = steps * batch_tokens / seq_len / order.n
-        cfg = from_dict(RunConfig, {**base, "run_dir": str(tmp_path / "run"), "train": {**base["train"], "epochs": epochs}})
-        compiled = from_dict(RunConfig, {**base, "run_dir": str(tmp_path / "run-compiled"),
-                                         "train": {**base["train"], "epochs": epochs, "compile": True}})
+        def config(rep: int, **train_over: object) -> RunConfig:
+            name = f"run-{rep}" + "".join(f"-{k}" for k in train_over)
+            return from_dict(RunConfig, {**base, "run_dir": str(tmp_path / name),
+                                         "train": {**base["train"], "epochs": epochs, **train_over}})
+
+        cfg = config(0)
         model_cfg = ModelConfig(preset=args.preset, seq_len=seq_len, vocab_size=prepared.tokenizer.vocab_size)
         seqs = batch_tokens // seq_len
         batches = [torch.from_numpy(order.samples(i * seqs, seqs)) for i in range(steps)]
         params = count_parameters(model_cfg)
 
         peak = matmul_peak(torch.bfloat16)
-        ours_tok_s, ours_loss = run_dataeff(cfg, warmup)
-        compile_start = time.perf_counter()
-        compiled_tok_s, _ = run_dataeff(compiled, warmup)
-        compile_wall = time.perf_counter() - compile_start
-        ref_tok_s, ref_loss = run_plain(Transformer(model_cfg), batches, warmup, cfg.optim, hf=False, bf16=False)
-        hf_tok_s, hf_loss = run_plain(hf_model(Transformer(model_cfg)), batches, warmup, cfg.optim, hf=True, bf16=True)
+        compile_walls: list[float] = []
 
+        def compiled(rep: int) -> tuple[float, list[float]]:
+            start = time.perf_counter()
+            out = run_dataeff(config(rep, compile=True), warmup)
+            compile_walls.append(time.perf_counter() - start)
+            return out
+
+        rows: dict[str, Callable[[int], tuple[float, list[float]]]] = {
+            "dataeff (defaults)": lambda rep: run_dataeff(config(rep), warmup),
+            "dataeff (compile=true)": compiled,
+            "fp32 reference": lambda rep: run_plain(Transformer(model_cfg), batches, warmup, cfg.optim, hf=False, bf16=False),
+            "HF Llama bf16+SDPA": lambda rep: run_plain(hf_model(Transformer(model_cfg)), batches, warmup, cfg.optim,
+                                                        hf=True, bf16=True),
+        }
+        tok_s: dict[str, list[float]] = {name: [] for name in rows}
+        losses: dict[str, list[float]] = {}
+        loads = [os.getloadavg()[0]]
+        for rep in range(reps):
+            for name, row in rows.items():
+                value, curve = row(rep)
+                tok_s[name].append(value)
+                losses.setdefault(name, curve)
+            loads.append(os.getloadavg()[0])
+
+    med = {name: median(v) for name, v in tok_s.items()}
+    ours_tok_s, compiled_tok_s = med["dataeff (defaults)"], med["dataeff (compile=true)"]
+    ref_tok_s, hf_tok_s = med["fp32 reference"], med["HF Llama bf16+SDPA"]
+    ours_loss, ref_loss, hf_loss = losses["dataeff (defaults)"], losses["fp32 reference"], losses["HF Llama bf16+SDPA"]
     mfu = ours_tok_s * flops_per_token(model_cfg) / peak
     print(f"model: preset {args.preset}, {params['total'] / 1e6:.2f}M parameters ({params['non_embedding'] / 1e6:.2f}M non-embedding), "
-          f"seq {seq_len}, batch {batch_tokens} tokens, {steps} steps ({warmup} warmup), {torch.get_num_threads()} threads")
+          f"seq {seq_len}, batch {batch_tokens} tokens, {steps} steps ({warmup} warmup), {torch.get_num_threads()} threads, "
+          f"rows interleaved {reps} times, medians")
     print(f"bf16 matmul peak: {peak / 1e9:.0f} GFLOP/s")
-    print(f"{'':24}{'tok/s':>10}{'vs fp32 ref':>14}{'vs HF':>10}")
-    rows = (("dataeff (defaults)", ours_tok_s), ("dataeff (compile=true)", compiled_tok_s),
-            ("fp32 reference", ref_tok_s), ("HF Llama bf16+SDPA", hf_tok_s))
-    for name, v in rows:
-        print(f"{name:24}{v:>10,.0f}{v / ref_tok_s:>13.2f}x{v / hf_tok_s:>9.2f}x")
+    print(f"{'':24}{'tok/s':>10}{'vs fp32 ref':>14}{'vs HF':>10}   spread (min-max, share of median)")
+    for name, v in med.items():
+        lo, hi = min(tok_s[name]), max(tok_s[name])
+        print(f"{name:24}{v:>10,.0f}{v / ref_tok_s:>13.2f}x{v / hf_tok_s:>9.2f}x   {lo:,.0f}-{hi:,.0f} "
+              f"({spread(tok_s[name]):.0%})")
     print(f"MFU (dataeff defaults): {mfu:.2f}; with compile: {compiled_tok_s * flops_per_token(model_cfg) / peak:.2f} "
-          f"(the compiled run's wall time incl. compilation: {compile_wall:.0f} s)")
-    print(f"load average during the run: {os.getloadavg()[0]:.2f} (other processes skew all rows alike)")
+          f"(a compiled run's wall time incl. compilation: median {median(compile_walls):.0f} s)")
+    print(f"load average (1 min) before and after each round: {', '.join(f'{x:.2f}' for x in loads)} on "
+          f"{os.cpu_count()} CPUs (other processes skew the rows of a round alike)")
     print("train loss by step (dataeff | fp32 ref | HF):")
     for i, (a, b, c) in enumerate(zip(ours_loss, ref_loss, hf_loss, strict=False)):
         print(f"  {i + 1:3d}  {a:.4f}  {b:.4f}  {c:.4f}")
     gap = max(abs(a - b) for a, b in zip(ours_loss, ref_loss, strict=False))
     print(f"max |dataeff - fp32 reference| train-loss gap: {gap:.4f}")
     print(json.dumps({"dataeff_tok_s": round(ours_tok_s, 1), "reference_tok_s": round(ref_tok_s, 1),
-                      "hf_tok_s": round(hf_tok_s, 1), "dataeff_compile_tok_s": round(compiled_tok_s, 1), "mfu": round(mfu, 4), "params": params["total"],
+                      "hf_tok_s": round(hf_tok_s, 1), "dataeff_compile_tok_s": round(compiled_tok_s, 1),
+                      "vs_reference": round(ours_tok_s / ref_tok_s, 3), "vs_hf": round(ours_tok_s / hf_tok_s, 3),
+                      "spread": {k: round(spread(v), 3) for k, v in tok_s.items()}, "reps": reps,
+                      "mfu": round(mfu, 4), "params": params["total"],
                       "loss_gap": round(gap, 4) if math.isfinite(gap) else None}))
 
 

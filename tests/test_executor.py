@@ -15,6 +15,8 @@ from dataeff import checkpoint as ckpt
 from dataeff.config import from_dict, load, to_dict
 from dataeff.errors import DataeffError
 from dataeff.executor import ExecutorConfig, layout, run_jobs
+from dataeff.experiment.executor import worker_cores
+from dataeff.experiment.progress import PipelineProgress
 from dataeff.fsutil import read_jsonl
 from dataeff.train import RunConfig, run_hash
 
@@ -62,6 +64,15 @@ def test_layout_shares_the_cores():
     assert layout(ExecutorConfig(backend="ray", cpus_per_job=2), n_jobs=8, cores=8) == (4, 2)
 
 
+def test_each_worker_is_pinned_to_cores_of_its_own():
+    cores = [0, 1, 2, 3]
+    assert [worker_cores(i, 2, 2, cores) for i in range(2)] == [[0, 1], [2, 3]]
+    assert [worker_cores(i, 4, 1, cores) for i in range(4)] == [[0], [1], [2], [3]]
+    # Workers started later (replacing dead ones) wrap around the slots.
+    assert worker_cores(5, 4, 1, cores) == [1]
+    assert worker_cores(0, 1, 8, [4, 6]) == [4, 6]
+
+
 def test_bad_executor_settings_are_one_line_errors(small_corpus, tmp_path, monkeypatch):
     with pytest.raises(DataeffError, match=r"executor.workers=-1 must be 0 \(auto\) or positive"):
         run_jobs([], ExecutorConfig(workers=-1), tmp_path)
@@ -78,8 +89,10 @@ def test_sweep_runs_each_config_once_and_a_rerun_trains_nothing(small_corpus, tm
     root, cache = tmp_path / "runs", tmp_path / "cache"
     configs = [job(small_corpus, cache, lr=lr) for lr in (3e-3, 1e-2, 3e-2)]
     cfg = ExecutorConfig(backend=backend, workers=2, threads_per_worker=1)
-    first = run_jobs([*configs, configs[1]], cfg, root, progress=False)
+    tracker = PipelineProgress(enabled=False)
+    first = run_jobs([*configs, configs[1]], cfg, root, progress=False, tracker=tracker)
     assert [r.status for r in first] == ["done"] * 4
+    assert (tracker.planned, tracker.done, tracker.workers, len(tracker.job_seconds)) == (3, 3, 2, 3)
     # The directory name is the config hash; the duplicate ran once and shares its run.
     assert sorted(p.name for p in root.iterdir()) == sorted(run_hash(c) for c in configs)
     assert first[3].run_dir == first[1].run_dir and first[3].result == first[1].result
@@ -88,8 +101,9 @@ def test_sweep_runs_each_config_once_and_a_rerun_trains_nothing(small_corpus, tm
     assert saved.train.threads == 1 and saved.train.progress is False
 
     before = stamps(root)
-    again = run_jobs(configs, cfg, root, progress=False)
+    again = run_jobs(configs, cfg, root, progress=False, tracker=tracker)
     assert [r.status for r in again] == ["skipped"] * 3
+    assert (tracker.planned, tracker.done, len(tracker.job_seconds)) == (6, 6, 3)  # skipped: done, never timed
     assert [r.result for r in again] == [r.result for r in first[:3]]
     assert stamps(root) == before
 

@@ -325,3 +325,45 @@ def test_teacher_corpus_documents_outgrow_the_context(tmp_path: Path) -> None:
     tokenizer = Tokenizer.load(run / "tokenizer.json")
     lengths = [len(tokenizer.encode(r["text"])) for r in read_jsonl(out / "samples.jsonl")]
     assert stats["tokens"] >= 600 and max(lengths) > 16 and max(lengths) <= 40  # the teacher's context is 16
+
+
+def test_decode_step_is_the_forward_pass_one_token_at_a_time() -> None:
+    from dataeff.model.transformer import packed_linear
+
+    model = _model(**CONFIGS["untied-gqa"])  # type: ignore[arg-type]
+    seq = torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8], [9, 10, 11, 12, 13, 14, 15, 16]])
+    with torch.inference_mode():
+        full = model(seq).float()
+        cache = model.new_cache(2, 8, model.step_weights("fp32", 2))
+        steps = [model.prefill(seq[:, :3], cache)] + [model.decode_step(seq[:, i], cache) for i in range(3, 8)]
+        assert cache.pos == 8
+        torch.testing.assert_close(torch.stack(steps, dim=1), full[:, 2:], rtol=1e-4, atol=1e-4)
+        with pytest.raises(DataeffError, match="full"):
+            model.decode_step(seq[:, 0], cache)
+        cache.reset()
+        torch.testing.assert_close(model.prefill(seq, cache), full[:, -1], rtol=1e-4, atol=1e-4)
+        # The plain F.linear fallback of the oneDNN packing computes the same step.
+        plain = model.new_cache(2, 8, model.step_weights("fp32", 2, linear=lambda w, dt, _: lambda x: F.linear(x, w.to(dt))))
+        model.prefill(seq[:, :3], plain)
+        torch.testing.assert_close(model.decode_step(seq[:, 3], plain), full[:, 3], rtol=1e-4, atol=1e-4)
+    w = torch.randn(5, 7)
+    x = torch.randn(3, 7)
+    torch.testing.assert_close(packed_linear(w, torch.float32, 3)(x), F.linear(x, w), rtol=1e-5, atol=1e-5)
+
+
+def test_packing_falls_back_to_f_linear_without_the_private_operators(monkeypatch: pytest.MonkeyPatch) -> None:
+    from dataeff.model import transformer
+
+    class NoMkldnn:
+        def __getattr__(self, name: str) -> object:
+            raise AttributeError(name)
+
+    monkeypatch.setattr(transformer.torch, "ops", type("Ops", (), {"mkldnn": NoMkldnn()})())
+    w, x = torch.randn(5, 7), torch.randn(3, 7)
+    linear = transformer.packed_linear(w, torch.float32, 3)
+    torch.testing.assert_close(linear(x), F.linear(x, w))
+    monkeypatch.undo()
+    model = _model(**CONFIGS["qknorm-mqa"])  # type: ignore[arg-type]
+    packed = _gen(model, PROMPTS, 10)
+    monkeypatch.setattr(transformer.torch, "ops", type("Ops", (), {"mkldnn": NoMkldnn()})())
+    assert _gen(model, PROMPTS, 10) == packed

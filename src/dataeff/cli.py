@@ -135,6 +135,36 @@ def _ensemble_config() -> type:
     return EnsembleTrainConfig
 
 
+def _cpt(cfg: Any) -> None:
+    from dataeff.experiment.cpt import run_cpt
+
+    print(json.dumps(run_cpt(cfg), indent=2))
+
+
+def _cpt_config() -> type:
+    from dataeff.experiment.cpt import CPTConfig
+
+    return CPTConfig
+
+
+def _qa(cfg: Any) -> None:
+    from pathlib import Path
+
+    from dataeff.config import config_hash
+    from dataeff.generate.qa import qa_generation_job
+
+    # The client's manifest and every answer are kept per settings, like a pipeline's artifacts.
+    out = Path("runs") / "qa" / config_hash(cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    print(json.dumps({"dir": str(out), **qa_generation_job(cfg, out)}, indent=2))
+
+
+def _qa_config() -> type:
+    from dataeff.generate.qa import QAGenConfig
+
+    return QAGenConfig
+
+
 def _quality(cfg: Any) -> None:
     from dataeff.synth.quality import run_quality
 
@@ -209,6 +239,30 @@ def _llm_config() -> type:
     return LLMJobConfig
 
 
+def _entigraph(cfg: Any) -> None:
+    from dataeff.synth.entigraph import run_entigraph
+
+    print(json.dumps(run_entigraph(cfg), indent=2))
+
+
+def _entigraph_config() -> type:
+    from dataeff.synth.entigraph import EntiGraphConfig
+
+    return EntiGraphConfig
+
+
+def _rephrase(cfg: Any) -> None:
+    from dataeff.synth.rephrase import run_rephrase
+
+    print(json.dumps(run_rephrase(cfg), indent=2))
+
+
+def _rephrase_config() -> type:
+    from dataeff.synth.rephrase import RephraseConfig
+
+    return RephraseConfig
+
+
 def _embed(cfg: Any) -> None:
     from dataeff.synth.embed import embed
 
@@ -239,17 +293,48 @@ def _pairs_config() -> type:
     return PairsConfig
 
 
+def _synthesizer(cfg: Any) -> None:
+    from dataeff.synth.synthesizer import train_synthesizer
+
+    result = train_synthesizer(cfg)
+    keys = ("run_dir", "corpus", "records", "pairs", "prompt_tokens", "text_tokens", "val_loss")
+    print(json.dumps({k: result.get(k) for k in keys}, indent=2))
+
+
+def _synthesizer_config() -> type:
+    from dataeff.synth.synthesizer import SynthesizerConfig
+
+    return SynthesizerConfig
+
+
+def _synthesize(cfg: Any) -> None:
+    from dataeff.synth.synthesize import synthesize
+
+    summary = synthesize(cfg)
+    print(json.dumps({k: v for k, v in summary.items() if k != "identity"}, indent=2))
+
+
+def _synthesize_config() -> type:
+    from dataeff.synth.synthesize import SynthesizeConfig
+
+    return SynthesizeConfig
+
+
 COMMANDS = [
     Command("prepare", "tokenize a corpus into a content-addressed token store", _run_config, _prepare),
     Command("train", "train a model on a fixed token budget (resumes if interrupted)", _run_config, _train),
     Command("eval", "held-out loss, bits per byte and word perplexity of a run or an ensemble (and tasks=[...])", _eval_config, _eval, "run_dir"),
     Command("ensemble", "train K members that differ by seed, save ensemble.json and score every prefix ensemble",
             _ensemble_config, _ensemble),
+    Command("cpt", "continued pretraining of a dataeff run or an HF Llama/Qwen3 checkpoint on a corpus (replay, "
+            "subsampling, K seeds as an ensemble, HF export)", _cpt_config, _cpt, "base"),
+    Command("qa", "QuALITY closed-book QA answered by generation (few-shot chain of thought, answer parsing, attempt "
+            "rate) through the generation client", _qa_config, _qa),
     Command("run", "run a pipeline: tune every recipe and size, fit scaling laws, write the report", _pipeline_config, _pipeline),
     Command("report", "write report.md and report.html for a pipeline root", _report_config, _report, "root"),
     Command("runs", "list, filter, sort and export the runs under a directory (indexed in ROOT/runs.sqlite)",
             _runs_config, _runs, "root"),
-    Command("tasks", "downstream accuracy (ARC, PIQA, HellaSwag, BLiMP, LAMBADA) of a run or an ensemble",
+    Command("tasks", "downstream accuracy (ARC, PIQA, HellaSwag, BLiMP, LAMBADA, QuALITY) of a run or an ensemble",
             _tasks_config, _tasks, "run_dir"),
     Command("sample", "generate text from a run or an ensemble (e.g. for sequence-level distillation)",
             _sample_config, _sample, "run_dir"),
@@ -264,12 +349,22 @@ COMMANDS = [
             _serve_config, _serve, "model"),
     Command("llm", "send a JSONL file of chat requests through the generation client (cached, resumable, budgeted)",
             _llm_config, _llm, "requests"),
+    Command("entigraph", "EntiGraph: a summary, the entities and texts on entity pairs and triples of every source "
+            "document, through the generation client (cached, resumable, budgeted); writes corpus.jsonl",
+            _entigraph_config, _entigraph, "input"),
+    Command("rephrase", "rewrite source documents in WRAP styles (easy, medium, hard, qa, or a prompt file), chunk by "
+            "chunk, keeping the rewrites that pass a fidelity check; writes corpus.jsonl", _rephrase_config,
+            _rephrase, "input"),
 
 
     Command("embed", "embed a token store's documents as unit vectors (sentence-transformers or a run), cached in shards",
             _embed_config, _embed, "store"),
     Command("pairs", "nearest-neighbour document pairs above a similarity threshold, near-duplicates removed (SBP)",
             _pairs_config, _pairs),
+    Command("synthesizer", "train SBP's synthesizer p(d2 | d1) on document pairs, starting from a base run",
+            _synthesizer_config, _synthesizer, "base"),
+    Command("synthesize", "sample SBP's synthetic corpus from the synthesizer on seed documents of the world "
+            "(sharded, resumable, deduplicated)", _synthesize_config, _synthesize, "synthesizer"),
 ]
 
 

@@ -24,7 +24,7 @@ BPE_EOS = "<|endoftext|>"
 WORD_EOS = "<eos>"
 WORD_UNK = "<unk>"
 # Looked for, in this order, to find the end-of-document token of a tokenizer loaded from a file.
-EOS_CANDIDATES = (BPE_EOS, WORD_EOS, "</s>", "<|eos|>")
+EOS_CANDIDATES = (BPE_EOS, WORD_EOS, "</s>", "<|eos|>", "<|end_of_text|>")  # the last is Llama 3's
 
 _KINDS = {"BPE": "bpe", "WordLevel": "word"}
 

@@ -1,5 +1,6 @@
-"""Downstream evaluation by log-likelihood: ARC, PIQA, HellaSwag, BLiMP and LAMBADA, read from the shared data
-directory, scored by a model or an ensemble without generating any text.
+"""Downstream evaluation by log-likelihood: ARC, PIQA, HellaSwag, BLiMP, LAMBADA and closed-book QuALITY
+(:mod:`dataeff.eval.quality`), read from the shared data directory, scored by a model or an ensemble without
+generating any text.
 
 Conventions shared with :mod:`dataeff.lm_eval_adapter`, so both give the same numbers on the same items:
 
@@ -40,6 +41,7 @@ from dataeff.data.corpora import data_root
 from dataeff.data.tokenizer import Tokenizer
 from dataeff.errors import DataeffError
 from dataeff.eval.ensemble import Ensemble, load_ensemble
+from dataeff.eval.quality import QAItem, accuracy, read_quality, split_items
 from dataeff.fsutil import atomic_write_json
 from dataeff.model.transformer import Transformer
 from dataeff.train.dist import pick_device
@@ -75,9 +77,10 @@ class ClozeItem:
     target: str
 
 
-Item = MCItem | PairItem | ClozeItem
+Item = MCItem | PairItem | ClozeItem | QAItem
 
 TARGET_DELIMITER = " "
+QUALITY_FILE = Path("quality_leval_subset") / "quality.jsonl"
 
 # ---------------------------------------------------------------------------------------------------------
 # readers
@@ -229,7 +232,7 @@ def read_lambada(path: str | Path) -> list[ClozeItem]:
             for where, r in _json_lines(_decode(_read_bytes(path), str(path)), str(path))]
 
 
-Kind = Literal["mc", "pairs", "cloze"]
+Kind = Literal["mc", "pairs", "cloze", "qa"]
 
 
 @dataclass(frozen=True)
@@ -250,6 +253,10 @@ TASKS: dict[str, TaskSpec] = {
     "blimp": TaskSpec("pairs", lambda root: read_blimp(root / "blimp" / "BLiMP.zip"), "BLiMP, 67 paradigms of minimal pairs"),
     "lambada_openai": TaskSpec("cloze", lambda root: read_lambada(root / "lambada_openai" / "lambada_openai.jsonl"),
                                "LAMBADA (OpenAI) test, last word"),
+    "quality": TaskSpec("qa", lambda root: split_items(read_quality(root / QUALITY_FILE), "test"),
+                        "QuALITY closed-book, test articles (L-Eval's 15-article subset), 4 choices"),
+    "quality_val": TaskSpec("qa", lambda root: split_items(read_quality(root / QUALITY_FILE), "validation"),
+                            "QuALITY closed-book, validation articles (the first 20% by title), 4 choices"),
 }
 
 
@@ -414,6 +421,24 @@ def evaluate_mc(fn: LogProbFn, tokenizer: Tokenizer, items: Sequence[MCItem], ba
             **_mean("acc", acc), **_mean("acc_norm", acc_norm)}
 
 
+def evaluate_qa(fn: LogProbFn, tokenizer: Tokenizer, items: Sequence[QAItem], batch_size: int = 32,
+                progress: bool = False) -> dict[str, Any]:
+    """QuALITY by answer log-likelihood: accuracy (and acc_norm, per answer byte) with 95% bootstrap intervals
+    over questions, and the number of articles they come from."""
+    _check_items(items, QAItem)
+    requests = [(it.context, TARGET_DELIMITER + o) for it in items for o in it.options]
+    scores = iter(score_requests(fn, encode_pairs(tokenizer, requests), batch_size, progress))
+    acc, acc_norm = [], []
+    for it in items:
+        lls = np.array([next(scores)[0] for _ in it.options])
+        n_bytes = np.array([len(o.encode("utf-8")) for o in it.options])
+        acc.append(float(np.argmax(lls) == it.gold))
+        acc_norm.append(float(np.argmax(lls / n_bytes) == it.gold))
+    return {"n": len(items), "articles": len({it.article for it in items}),
+            "chance": float(np.mean([1 / len(it.options) for it in items])),
+            **accuracy(np.array(acc)), **accuracy(np.array(acc_norm), "acc_norm")}
+
+
 def evaluate_pairs(fn: LogProbFn, tokenizer: Tokenizer, items: Sequence[PairItem], batch_size: int = 32,
                    progress: bool = False) -> dict[str, Any]:
     """BLiMP accuracy over all pairs and per paradigm, by whole-sentence log-probability after end-of-document.
@@ -448,7 +473,7 @@ def evaluate_cloze(fn: LogProbFn, tokenizer: Tokenizer, items: Sequence[ClozeIte
 
 
 _EVALUATORS: dict[Kind, Callable[..., dict[str, Any]]] = {
-    "mc": evaluate_mc, "pairs": evaluate_pairs, "cloze": evaluate_cloze,
+    "mc": evaluate_mc, "pairs": evaluate_pairs, "cloze": evaluate_cloze, "qa": evaluate_qa,
 }
 
 

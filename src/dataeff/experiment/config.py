@@ -9,14 +9,14 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from dataeff.config import from_dict, option, section
 from dataeff.errors import DataeffError
 from dataeff.experiment.executor import ExecutorConfig
 from dataeff.experiment.fitting import FitConfig
 from dataeff.experiment.stage import Stage, plain
-from dataeff.experiment.stages import distillation, downstream, ensembles, overfitting, tuning
+from dataeff.experiment.stages import cpt, distillation, downstream, ensembles, overfitting, sbp, tuning
 from dataeff.experiment.tune import RecipeConfig
 from dataeff.fsutil import atomic_write_text
 from dataeff.train.config import RunConfig
@@ -29,6 +29,8 @@ class PipelineConfig:
     base: RunConfig = section(RunConfig, "the world and every setting the recipes do not tune")
     executor: ExecutorConfig = section(ExecutorConfig, "where and how the runs execute")
     fit: FitConfig = section(FitConfig, "scaling-law fits and intervals")
+    progress: Literal["pipeline", "runs", "none"] = option(
+        "pipeline", "pipeline: one line (stage, runs done/planned, elapsed, ETA); runs: also a bar per batch of runs")
     # The tuning stage's settings are the pipeline's own: every later stage builds on its optima.
     sizes: list[str] = option(["micro", "mini", "small"], "model presets, smallest first")
     recipes: list[RecipeConfig] = option([], "recipes to tune (default: the paper's standard and regularized)")
@@ -42,6 +44,8 @@ class PipelineConfig:
     ensembles: ensembles.EnsembleStageConfig = section(ensembles.EnsembleStageConfig, "ensembles of every size: K-laws and the joint limit")
     distillation: distillation.DistillStageConfig = section(distillation.DistillStageConfig, "distilling an ensemble into one model")
     downstream: downstream.DownstreamStageConfig = section(downstream.DownstreamStageConfig, "downstream tasks of the models of one size")
+    sbp: sbp.SBPStageConfig = section(sbp.SBPStageConfig, "Synthetic Bootstrapped Pretraining against repetition and an oracle, by world size")
+    cpt: cpt.CPTStageConfig = section(cpt.CPTStageConfig, "synthetic continued pretraining on QuALITY: raw vs rephrase vs EntiGraph")
 
 
 STAGES: list[Stage] = [
@@ -50,6 +54,8 @@ STAGES: list[Stage] = [
     ensembles.STAGE,
     distillation.STAGE,
     downstream.STAGE,
+    sbp.STAGE,
+    cpt.STAGE,
 ]
 
 

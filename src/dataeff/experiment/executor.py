@@ -14,6 +14,7 @@ and config), so a directory is never taken for another config's.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
 import multiprocessing
@@ -25,7 +26,7 @@ from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from tqdm.auto import tqdm
 
@@ -34,6 +35,9 @@ from dataeff.errors import DataeffError
 from dataeff.train.config import RunConfig
 from dataeff.train.identity import recorded_identity, run_hash, run_identity
 from dataeff.train.rundir import FAILED, mark_done, mark_failed, read_failure, read_result, run_lock, status
+
+if TYPE_CHECKING:
+    from dataeff.experiment.progress import PipelineProgress
 
 
 @dataclass
@@ -147,17 +151,35 @@ def _exit_with(driver: int) -> None:
             os._exit(1)
 
 
-def _init_worker(threads: int, environ: dict[str, str], driver: int) -> None:
+def worker_cores(slot: int, workers: int, threads: int, cores: list[int]) -> list[int]:
+    """The cores worker ``slot`` (0-based) of ``workers`` is pinned to: its own ``threads`` of the driver's
+    ``cores``, so two workers never share a core (wrapping around when the workers want more than exist)."""
+    start = (slot % workers) * threads
+    return [cores[(start + i) % len(cores)] for i in range(max(1, min(threads, len(cores))))]
+
+
+def _init_worker(threads: int, environ: dict[str, str], driver: int, slots: Any, workers: int,
+                 cores: list[int]) -> None:
     threading.Thread(target=_exit_with, args=(driver,), daemon=True, name="dataeff-driver-watch").start()
     # A fork server keeps the environment it started with; jobs must see the driver's as of this sweep.
     os.environ.clear()
     os.environ.update(environ)
     # Libraries that start their own thread pools later (OpenMP, MKL) read these; torch is told directly.
-    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         os.environ[var] = str(threads)
+    # Each worker on cores of its own: without pinning the kernel migrates a worker's threads onto its
+    # neighbour's core, and OpenMP's barriers then wait on a thread that is not running.
+    with slots.get_lock():
+        slot = slots.value
+        slots.value += 1
+    if hasattr(os, "sched_setaffinity") and cores:
+        os.sched_setaffinity(0, worker_cores(slot, workers, threads, cores))
     import torch
 
     torch.set_num_threads(threads)
+    # A training job has no independent ops to overlap: inter-op threads would only compete for the share.
+    with contextlib.suppress(RuntimeError):  # the pool already started in this process
+        torch.set_num_interop_threads(1)
 
 
 def _resolve(dotted: str) -> Any:
@@ -213,8 +235,11 @@ def _mp_context() -> multiprocessing.context.BaseContext:
 
 def _run_local(jobs: dict[Path, dict[str, Any]], workers: int, threads: int, on_done: Callable[[Path, Outcome], None]) -> None:
     ctx = _mp_context()
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    # Pinning pays only when the workers' threads fill the machine; past that they must share cores anyway.
+    pinned = cores if workers * threads <= len(cores) else []
     pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker,
-                               initargs=(threads, dict(os.environ), os.getpid()))
+                               initargs=(threads, dict(os.environ), os.getpid(), ctx.Value("i", 0), workers, pinned))
     try:
         futures = {pool.submit(_run_job, data): key for key, data in jobs.items()}
         for future in as_completed(futures):
@@ -270,8 +295,11 @@ def _run_ray(ray: Any, jobs: dict[Path, dict[str, Any]], cfg: ExecutorConfig, th
         on_done(key, outcome)
 
 
-def run(jobs: list[Job], cfg: ExecutorConfig, *, progress: bool = True, desc: str = "jobs") -> list[JobResult]:
-    """Run every job (once, however often it is listed) and return one result per job, in order."""
+def run(jobs: list[Job], cfg: ExecutorConfig, *, progress: bool = True, desc: str = "jobs",
+        tracker: PipelineProgress | None = None) -> list[JobResult]:
+    """Run every job (once, however often it is listed) and return one result per job, in order. With a
+    ``tracker`` (a pipeline's progress line) the batch and each finished job are reported to it, and this
+    batch's own bar shows only if ``progress`` asks for it too."""
     _check(cfg)
     unique: dict[Path, Job] = {}
     for job in jobs:
@@ -292,11 +320,15 @@ def run(jobs: list[Job], cfg: ExecutorConfig, *, progress: bool = True, desc: st
         elif st == "failed" and not cfg.retry_failed:
             results[d] = JobResult(job.config, d, "skipped", None, read_failure(d).get("reason", "failed"), 0.0)
     pending = [d for d in unique if d not in results]
+    if tracker is not None and not pending:
+        tracker.batch(0, len(results), 1)
 
     if pending:
         ray = _start_ray(cfg) if cfg.backend == "ray" else None
         cores = int(ray.cluster_resources().get("CPU", 0)) if ray is not None else 0
         workers, threads = layout(cfg, len(pending), cores or machine_cores())
+        if tracker is not None:
+            tracker.batch(len(pending), len(results), workers)
         payload = {d: {"fn": unique[d].fn, "out_dir": str(d), "config": to_dict(_placed(unique[d], cfg, threads)),
                        "config_type": f"{type(unique[d].config).__module__}:{type(unique[d].config).__qualname__}"}
                    for d in pending}
@@ -311,6 +343,8 @@ def run(jobs: list[Job], cfg: ExecutorConfig, *, progress: bool = True, desc: st
             failed += state == "failed"
             bar.update(1)
             bar.set_postfix(failed=failed)
+            if tracker is not None:
+                tracker.finished(seconds, failed=state == "failed")
 
         try:
             if ray is not None:
@@ -335,7 +369,8 @@ def _placed(job: Job, cfg: ExecutorConfig, threads: int) -> Any:
                                train=dataclasses.replace(c.train, threads=threads, progress=False, **device))
 
 
-def run_jobs(configs: list[RunConfig], cfg: ExecutorConfig, root: str | Path, *, progress: bool = True) -> list[JobResult]:
+def run_jobs(configs: list[RunConfig], cfg: ExecutorConfig, root: str | Path, *, progress: bool = True,
+             tracker: PipelineProgress | None = None) -> list[JobResult]:
     """Train every config (once, however often it is listed) and return one result per config, in order.
 
     A config's run directory is its own ``run_dir`` if set, else ``<root>/<run_hash(config)>``.
@@ -349,4 +384,4 @@ def run_jobs(configs: list[RunConfig], cfg: ExecutorConfig, root: str | Path, *,
         if run_identity(first) != run_identity(j.config):
             raise DataeffError(f"{j.out_dir}: run_dir is set by two different configs ({run_hash(first)} and "
                                f"{run_hash(j.config)})")
-    return run(jobs, cfg, progress=progress, desc="runs")
+    return run(jobs, cfg, progress=progress, desc="runs", tracker=tracker)

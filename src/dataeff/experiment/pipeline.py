@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from dataeff.experiment.config import STAGES, PipelineConfig, Results, write_results
+from dataeff.experiment.progress import PipelineProgress
 from dataeff.experiment.stage import Context
 from dataeff.report.write import write_report
 
@@ -26,8 +27,17 @@ def run_pipeline(cfg: PipelineConfig, *, progress: bool = True) -> Results:
         stage.check(ctx, stage_cfg)
     ctx.root.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    for stage, stage_cfg in enabled:
-        ctx.results[stage.name] = stage.run(ctx, stage_cfg)
+    if progress and cfg.progress != "none":
+        ctx.tracker = PipelineProgress()
+        ctx.progress_bars = cfg.progress == "runs"
+    try:
+        for stage, stage_cfg in enabled:
+            if ctx.tracker is not None:
+                ctx.tracker.enter(stage.name)
+            ctx.results[stage.name] = stage.run(ctx, stage_cfg)
+    finally:
+        if ctx.tracker is not None:
+            ctx.tracker.close()
     results = Results(name=cfg.name, world_tokens=ctx.world, config=cfg, seconds=time.time() - started,
                       stages=dict(ctx.results))
     write_results(ctx.root / "results.json", results)

@@ -20,6 +20,7 @@ from dataeff.errors import DataeffError
 from dataeff.experiment import executor
 from dataeff.experiment.executor import Job, JobResult
 from dataeff.experiment.fitting import Multiplier
+from dataeff.experiment.progress import PipelineProgress
 from dataeff.report.blocks import Block
 from dataeff.train.config import RunConfig
 
@@ -78,6 +79,9 @@ class Context:
     root: Path
     progress: bool = True
     results: dict[str, Any] = field(default_factory=dict)
+    # The pipeline's one progress line; without it (or with progress_bars) each batch of runs shows its own bar.
+    tracker: PipelineProgress | None = None
+    progress_bars: bool = False
 
     @property
     def world(self) -> int:
@@ -86,7 +90,14 @@ class Context:
 
     def say(self, message: str) -> None:
         if self.progress:
-            print(f"[dataeff run] {message}", flush=True)
+            if self.tracker is not None:
+                self.tracker.write(f"[dataeff run] {message}")
+            else:
+                print(f"[dataeff run] {message}", flush=True)
+
+    @property
+    def _bars(self) -> bool:
+        return self.progress and (self.tracker is None or self.progress_bars)
 
     def run_config(self, size: str, budget: int, values: dict[str, Any], seed: int, source: str) -> RunConfig:
         """The base config with a size, budget, seed (init and data order) and knob values applied; ``source``
@@ -95,11 +106,12 @@ class Context:
 
     def run_jobs(self, configs: list[RunConfig]) -> list[JobResult]:
         """Train every config (each once) in ``<root>/runs/<config hash>``; a finished run is never retrained."""
-        return executor.run_jobs(configs, self.cfg.executor, self.root / "runs", progress=self.progress)
+        return executor.run_jobs(configs, self.cfg.executor, self.root / "runs", progress=self._bars,
+                                 tracker=self.tracker)
 
     def run(self, jobs: list[Job]) -> list[JobResult]:
         """Run any jobs through the executor (on the cluster under Ray), each once."""
-        return executor.run(jobs, self.cfg.executor, progress=self.progress)
+        return executor.run(jobs, self.cfg.executor, progress=self._bars, tracker=self.tracker)
 
     def tuned(self, recipe: str, size: str) -> TunedPoint:
         """The tuned optimum of a recipe at a size, at the world's budget."""

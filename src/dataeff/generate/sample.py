@@ -1,7 +1,9 @@
 """Sampling from a trained run or an ensemble of runs: for reading what a model learned, and for
 sequence-level distillation, where a student trains on documents sampled from a teacher (ensemble).
 
-Decoding is batched and KV-cached. The model keeps one position counter per cache, so rows of a batch must
+Decoding is batched and KV-cached, through the model's own incremental path
+(:meth:`~dataeff.model.transformer.Transformer.prefill` and ``decode_step`` on a preallocated cache). The model
+keeps one position counter per cache, so rows of a batch must
 share their prompt length: prompts are grouped by length and each group decodes as its own batches. An
 ensemble keeps one cache per member and samples each token from the members' combined distribution
 (:func:`dataeff.ensemble.combine_log_probs`, the probability mixture by default).
@@ -36,8 +38,7 @@ from dataeff.data.tokenizer import Tokenizer
 from dataeff.errors import DataeffError
 from dataeff.eval.ensemble import Combine, Ensemble, combine_log_probs, load_ensemble
 from dataeff.fsutil import atomic_path
-from dataeff.model.transformer import KVCache, Transformer, rope_cache
-from dataeff.train.dist import autocast
+from dataeff.model.transformer import StepWeights, Transformer
 from dataeff.train.rundir import load_model
 
 Dtype = Literal["bf16", "fp32"]
@@ -81,127 +82,6 @@ def _check_sampling(prefix: str, temperature: float, top_k: int, top_p: float) -
         raise DataeffError(f"{prefix}top_k: {top_k} must be >= 0 (0 turns it off)")
     if not 0 < top_p <= 1:
         raise DataeffError(f"{prefix}top_p: {top_p} must be in (0, 1] (1 turns it off)")
-
-
-Linear = Callable[[torch.Tensor], torch.Tensor]
-
-
-def _linear(weight: torch.Tensor, dtype: torch.dtype, batch_hint: int) -> Linear:
-    """``x @ weight.T`` in ``dtype``; on CPUs with oneDNN the weight is packed once for its GEMM kernel
-    (the packing Inductor's freezing uses), which runs decode-sized matmuls ~1.4x faster than ``F.linear``."""
-    w = weight.detach().to(dtype)
-    mkldnn = torch.ops.mkldnn
-    if w.device.type == "cpu" and torch.backends.mkldnn.is_available() and (
-        dtype == torch.float32 or mkldnn._is_mkldnn_bf16_supported()
-    ):
-        packed = mkldnn._reorder_linear_weight(w, batch_hint)
-        return lambda x: mkldnn._linear_pointwise(x, packed, None, "none", [], "")
-    return lambda x: F.linear(x, w)
-
-
-@dataclass(frozen=True, slots=True)
-class _Layer:
-    attn_norm: torch.Tensor
-    wqkv: Linear
-    qk_norm: torch.Tensor | None  # per-head q|k RMSNorm weights, shape (n_heads + n_kv_heads, head_dim)
-    wo: Linear
-    mlp_norm: torch.Tensor
-    w13: Linear
-    w2: Linear
-
-
-class _Decoder:
-    """One model's decoding: the prompt through the model's own forward pass, then one token per step
-    through a path computing the same function with about half the operators.
-
-    At one token per row a CPU step of a small model costs more in per-operator overhead than in arithmetic,
-    so this path folds the softmax scale into the query weights (or the query norm), applies RoPE as
-    ``x·cos + roll(x)·sin`` with the sign folded into ``sin``, attends with two batched matmuls instead of
-    SDPA (whose CPU kernels cost several times more at one query), and packs weights for oneDNN. The cache is fp32
-    whatever the compute dtype: fp32 batched matmuls read a prefix of it in place, bf16 ones copy it.
-    ``tests/test_sample.py`` checks this path against the model's uncached forward pass.
-    """
-
-    def __init__(self, model: Transformer, dtype: Dtype, batch_hint: int):
-        c = model.cfg
-        assert c.n_kv_heads is not None and c.d_ff is not None
-        self.model, self.dtype = model, dtype
-        self.compute = torch.bfloat16 if dtype == "bf16" else torch.float32
-        self.n_heads, self.n_kv, self.head_dim, self.d_ff, self.eps = c.n_heads, c.n_kv_heads, c.head_dim, c.d_ff, c.norm_eps
-        scale = c.head_dim**-0.5
-        q_rows = c.n_heads * c.head_dim
-        device = model.embed.weight.device
-        cos, sin = rope_cache(c.seq_len, c.head_dim, c.rope_theta)
-        half = c.head_dim // 2
-        self.cos = cos.to(device)
-        self.sin = torch.cat([-sin[:, :half], sin[:, half:]], dim=-1).to(device)
-        self.layers = []
-        for block in model.blocks:
-            attn = block.attn
-            wqkv = attn.wqkv.weight.detach()
-            qk_norm = None
-            if attn.q_norm is not None and attn.k_norm is not None:
-                # The norm undoes any scaling of the projection, so the scale goes into the norm's weight.
-                qk_norm = torch.cat([(attn.q_norm.weight.detach().float() * scale).expand(c.n_heads, -1),
-                                     attn.k_norm.weight.detach().float().expand(c.n_kv_heads, -1)])
-            else:
-                wqkv = torch.cat([wqkv[:q_rows] * scale, wqkv[q_rows:]])
-            self.layers.append(_Layer(
-                attn_norm=block.attn_norm.weight.detach(),
-                wqkv=_linear(wqkv, self.compute, batch_hint),
-                qk_norm=qk_norm,
-                wo=_linear(attn.wo.weight, self.compute, batch_hint),
-                mlp_norm=block.mlp_norm.weight.detach(),
-                w13=_linear(block.mlp.w13.weight, self.compute, batch_hint),
-                w2=_linear(block.mlp.w2.weight, self.compute, batch_hint),
-            ))
-        self.head = _linear(model.output_weight, self.compute, batch_hint)
-        self.cache: KVCache | None = None
-        self.keys: list[torch.Tensor] = []
-        self.values: list[torch.Tensor] = []
-
-    def _logits(self, h: torch.Tensor) -> torch.Tensor:
-        return self.head(h.to(self.compute)).float()
-
-    def start(self, prompts: torch.Tensor, max_len: int) -> torch.Tensor:
-        """Prefill a fresh cache of ``max_len`` positions; the next-token fp32 logits, ``(batch, V)``."""
-        model = self.model
-        b = prompts.shape[0]
-        self.cache = KVCache(model.cfg, b, max_len, prompts.device, torch.float32)
-        with autocast(prompts.device, self.dtype):
-            h = model.hidden(prompts, self.cache)[:, -1]
-        # (batch·kv_heads, position, head_dim) views, keys pre-transposed, for the batched matmuls of step().
-        self.keys = [k.view(b * self.n_kv, max_len, self.head_dim).transpose(1, 2) for k in self.cache.k]
-        self.values = [v.view(b * self.n_kv, max_len, self.head_dim) for v in self.cache.v]
-        return self._logits(h)
-
-    def step(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Feed one token per row, ``(batch,)``; the next-token fp32 logits, ``(batch, V)``."""
-        cache = self.cache
-        assert cache is not None
-        pos, end = cache.pos, cache.pos + 1
-        b, heads, kv, hd, eps, dt = tokens.shape[0], self.n_heads, self.n_kv, self.head_dim, self.eps, self.compute
-        qk_heads = heads + kv
-        x = F.embedding(tokens, self.model.embed.weight)
-        d = x.shape[-1]
-        cos, sin = self.cos[pos], self.sin[pos]
-        for i, layer in enumerate(self.layers):
-            qkv = layer.wqkv(F.rms_norm(x, (d,), layer.attn_norm, eps).to(dt)).view(b, qk_heads + kv, hd)
-            qk = qkv[:, :qk_heads]
-            if layer.qk_norm is not None:
-                qk = F.rms_norm(qk.float(), (hd,), None, eps) * layer.qk_norm
-            qk = torch.addcmul(qk * cos, qk.roll(hd // 2, -1), sin)
-            cache.k[i, :, :, pos] = qk[:, heads:]
-            cache.v[i, :, :, pos] = qkv[:, qk_heads:]
-            # Query heads sharing a key/value head are rows of one matrix: grouped-query attention needs no copies.
-            q = qk[:, :heads].reshape(b * kv, heads // kv, hd)
-            att = torch.bmm(q, self.keys[i][:, :, :end]).softmax(dim=-1)
-            y = torch.bmm(att, self.values[i][:, :end]).view(b, heads * hd)
-            x = x + layer.wo(y.to(dt))
-            gate, up = layer.w13(F.rms_norm(x, (d,), layer.mlp_norm, eps).to(dt)).split(self.d_ff, dim=-1)
-            x = x + layer.w2(F.silu(gate) * up)
-        cache.advance(1)
-        return self._logits(F.rms_norm(x, (d,), self.model.norm.weight, eps))
 
 
 def _next_tokens(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
@@ -282,12 +162,12 @@ def generate(
         for m in members:
             m.eval()
         with torch.inference_mode():
-            decoders = [_Decoder(m, dtype, min(batch_size, len(prompt_ids))) for m in members]
+            weights = [m.step_weights(dtype, min(batch_size, len(prompt_ids))) for m in members]
             for rows in by_length.values():
                 for start in range(0, len(rows), batch_size):
                     chunk = rows[start : start + batch_size]
                     prompts = torch.tensor([list(prompt_ids[i]) for i in chunk], dtype=torch.long, device=device)
-                    new = _decode(decoders, model, prompts, max_new_tokens, stop,
+                    new = _decode(members, weights, model, prompts, max_new_tokens, stop,
                                   lambda scores: _next_tokens(scores, temperature, top_k, top_p, generator),
                                   seq_len if slide else None)
                     for i, tokens in zip(chunk, new, strict=True):
@@ -298,14 +178,16 @@ def generate(
     return results
 
 
-def _decode(decoders: list[_Decoder], model: Transformer | Ensemble, prompts: torch.Tensor, max_new_tokens: int,
-            stop: int | None, pick: Callable[[torch.Tensor], torch.Tensor], window: int | None) -> list[list[int]]:
+def _decode(members: list[Transformer], weights: list[StepWeights], model: Transformer | Ensemble,
+            prompts: torch.Tensor, max_new_tokens: int, stop: int | None, pick: Callable[[torch.Tensor], torch.Tensor],
+            window: int | None) -> list[list[int]]:
     """New tokens per row; ``window`` (the context, when sliding) bounds the tokens the model sees at once."""
     b, length = prompts.shape
     keep = slide_keep(window) if window is not None else 0
     cache_len = window if window is not None else length + max_new_tokens - 1
     context = prompts if window is None or length <= window else prompts[:, -keep:]
-    logits = [d.start(context, cache_len) for d in decoders]
+    caches = [m.new_cache(b, cache_len, w) for m, w in zip(members, weights, strict=True)]
+    logits = [m.prefill(context, c) for m, c in zip(members, caches, strict=True)]
     seen = context.shape[1]  # tokens in the caches
     out = torch.empty(b, max_new_tokens, dtype=torch.long, device=prompts.device)
     done = torch.zeros(b, dtype=torch.bool, device=prompts.device)
@@ -326,10 +208,12 @@ def _decode(decoders: list[_Decoder], model: Transformer | Ensemble, prompts: to
         if seen == window:
             # The window is full: it slides, and one prefill rebuilds the caches from its newest tokens.
             recent = torch.cat([prompts, out[:, : i + 1]], dim=1)[:, -keep:]
-            logits = [d.start(recent, cache_len) for d in decoders]
+            for c in caches:
+                c.reset()
+            logits = [m.prefill(recent, c) for m, c in zip(members, caches, strict=True)]
             seen = keep
         else:
-            logits = [d.step(tokens) for d in decoders]
+            logits = [m.decode_step(tokens, c) for m, c in zip(members, caches, strict=True)]
             seen += 1
     rows = out[:, :n].tolist()
     if stop is None:

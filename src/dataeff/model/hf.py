@@ -110,7 +110,7 @@ def _check_supported(hf_cfg: PreTrainedConfig, source: str) -> None:
         return DataeffError(f"{source}: {field}={getattr(hf_cfg, field, None)!r} is not supported ({why})")
 
     if hf_cfg.model_type not in ("llama", "qwen3"):
-        raise refuse("model_type", "only llama and qwen3 models convert to dataeff")
+        raise refuse("model_type", "the supported families are Llama (model_type llama) and Qwen3 (qwen3)")
     if getattr(hf_cfg, "attention_bias", False):
         raise refuse("attention_bias", "dataeff attention has no biases")
     if getattr(hf_cfg, "mlp_bias", False):
@@ -126,16 +126,21 @@ def _check_supported(hf_cfg: PreTrainedConfig, source: str) -> None:
         raise refuse("head_dim", f"dataeff needs head_dim × num_attention_heads = hidden_size {hf_cfg.hidden_size}")
 
 
-def _load_hf(path: str | Path) -> PreTrainedModel:
+def hf_config(path: str | Path) -> PreTrainedConfig:
+    """The config of a local HF checkpoint, refused unless it converts to dataeff (no weights are read, so an
+    unsupported multi-GB model is refused in a moment)."""
     source = f"{path}/config.json" if Path(path).is_dir() else str(path)
     try:
         hf_cfg = AutoConfig.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise DataeffError(f"{source}: not a loadable Hugging Face model directory ({first})") from None
-    # Checked before the weights load, so an unsupported multi-GB model is refused in a moment.
     _check_supported(hf_cfg, source)
-    return AutoModelForCausalLM.from_pretrained(path, config=hf_cfg, local_files_only=True)
+    return hf_cfg
+
+
+def _load_hf(path: str | Path) -> PreTrainedModel:
+    return AutoModelForCausalLM.from_pretrained(path, config=hf_config(path), local_files_only=True)
 
 
 def from_hf(model_or_path: PreTrainedModel | str | Path) -> Transformer:

@@ -53,7 +53,9 @@ class TrainConfig:
     init_seed: int = option(0, "seed of the weight initialisation", min=0)
     data_seed: int = option(0, "seed of the data order and dropout", min=0)
     dtype: Literal["bf16", "fp32"] = option("bf16", "bf16 autocast (fp32 master weights) or plain fp32")
-    compile: bool = option(False, "torch.compile the model")
+    compile: bool | Literal["auto"] = option(
+        False, "torch.compile the model: true, false, or auto (time the first steps eagerly, then compile if the "
+               "steps left pay for the compile cost; short runs stay eager)")
     device: str = option("auto", "auto, cpu, cuda or mps")
     threads: int = option(0, "torch intra-op threads (0: torch's default)", min=0, max=4096)
     eval_every: int = option(0, "steps between held-out evaluations (0: ten per run)", min=0)

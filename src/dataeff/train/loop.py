@@ -34,9 +34,11 @@ from dataeff.model.transformer import Transformer
 from dataeff.model.weights import save_weights_tensors
 from dataeff.train import averaging, dist, init
 from dataeff.train import checkpoint as ckpt
+from dataeff.train.compiling import PROBE_STEPS, decide
 from dataeff.train.config import RunConfig
 from dataeff.train.distill import Teacher, make_teacher
 from dataeff.train.identity import default_run_dir, difference, recorded_identity, run_hash, run_identity
+from dataeff.train.memory import keep_freed_memory
 from dataeff.train.optim import build_optimizers, lr_multiplier
 from dataeff.train.rundir import MetricsLog, manifest, mark_done, mark_failed, read_result, run_lock, status
 
@@ -305,6 +307,8 @@ def _train(cfg: RunConfig, run_dir: Path, info: dist.DistInfo) -> dict[str, Any]
     t, device = cfg.train, info.device
     if t.threads:
         torch.set_num_threads(t.threads)
+    if device.type == "cpu":
+        keep_freed_memory()  # every step's activations reuse the last step's pages instead of faulting in new ones
     data = _data(cfg, info)
     _validate(cfg, data)
     model = init.initial_model(cfg, data.prepared.tokenizer).to(device)
@@ -319,22 +323,25 @@ def _train(cfg: RunConfig, run_dir: Path, info: dist.DistInfo) -> dict[str, Any]
     base_lrs = [[g["lr"] for g in opt.param_groups] for opt in optimizers]
     log = MetricsLog(run_dir / "metrics.jsonl")
     start_step = _resume(run_dir / "checkpoints", model, optimizers, averager, log, cfg, info)
-    last_loss = _loop(cfg, run_dir, data, model, optimizers, base_lrs, averager, objective, log, start_step, info)
-    return _finish(cfg, run_dir, data, model, optimizers, averager, log, last_loss, info)
+    last_loss, compiled = _loop(cfg, run_dir, data, model, optimizers, base_lrs, averager, objective, log, start_step,
+                                info)
+    return _finish(cfg, run_dir, data, model, optimizers, averager, log, last_loss, compiled, info)
 
 
 def _loop(cfg: RunConfig, run_dir: Path, data: _Data, model: Transformer, optimizers: list[torch.optim.Optimizer],
           base_lrs: list[list[float]], averager: averaging.RunAveraging, objective: CrossEntropy | Teacher,
-          log: MetricsLog, start_step: int, info: dist.DistInfo) -> float:
-    """Every step from ``start_step`` on, with periodic logs, evaluations and checkpoints; the last train loss."""
+          log: MetricsLog, start_step: int, info: dist.DistInfo) -> tuple[float, bool]:
+    """Every step from ``start_step`` on, with periodic logs, evaluations and checkpoints; the last train loss
+    and whether the steps ran compiled (with ``train.compile=auto``, whether the last ones did)."""
     t, device, plan, order = cfg.train, info.device, data.plan, data.order
     ckpt_dir = run_dir / "checkpoints"
     distilling = not isinstance(objective, CrossEntropy)
     fwd_model: torch.nn.Module = model
     if info.distributed:
         fwd_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    if t.compile:
+    if t.compile is True:
         fwd_model = torch.compile(fwd_model)  # type: ignore[assignment]
+    compiled, probing, probe = t.compile is True, t.compile == "auto", []
     bar = tqdm(total=plan.total_steps, initial=start_step, disable=not (info.is_main and t.progress),
                desc=run_dir.name, unit="step", dynamic_ncols=True)
     flops = flops_per_token(model.cfg)
@@ -345,6 +352,7 @@ def _loop(cfg: RunConfig, run_dir: Path, data: _Data, model: Transformer, optimi
     tick, tick_step = time.perf_counter(), start_step
     model.train()
     for step in range(start_step, plan.total_steps):
+        step_start = time.perf_counter()
         mult = lr_multiplier(step, plan.total_steps, cfg.optim)
         for opt, lrs in zip(optimizers, base_lrs, strict=True):
             for group, lr in zip(opt.param_groups, lrs, strict=True):
@@ -384,6 +392,18 @@ def _loop(cfg: RunConfig, run_dir: Path, data: _Data, model: Transformer, optimi
             opt.zero_grad(set_to_none=True)
         last_loss = mean_loss
         done_steps = step + 1
+        if probing and step > start_step:
+            probe.append(time.perf_counter() - step_start)
+            if len(probe) == PROBE_STEPS:
+                probing = False
+                # Every rank decides on the same (mean) time, so under DDP all compile or none does.
+                seconds = float(dist.all_reduce_mean(torch.tensor(float(np.median(probe))), info))
+                decision = decide(plan.total_steps - done_steps, seconds, model.cfg.n_layers)
+                if decision.compile:
+                    fwd_model = torch.compile(fwd_model)  # type: ignore[assignment]
+                    compiled = True
+                if info.is_main and t.progress:
+                    bar.write(decision.reason, file=sys.stderr)
         averager.after_step(done_steps)
         bar.update(1)
         if info.is_main and (done_steps % t.log_every == 0 or done_steps == plan.total_steps):
@@ -405,11 +425,12 @@ def _loop(cfg: RunConfig, run_dir: Path, data: _Data, model: Transformer, optimi
             _reseed(t.data_seed, info.rank, done_steps)
             dist.barrier(info)
     bar.close()
-    return last_loss
+    return last_loss, compiled
 
 
 def _finish(cfg: RunConfig, run_dir: Path, data: _Data, model: Transformer, optimizers: list[torch.optim.Optimizer],
-            averager: averaging.RunAveraging, log: MetricsLog, last_loss: float, info: dist.DistInfo) -> dict[str, Any]:
+            averager: averaging.RunAveraging, log: MetricsLog, last_loss: float, compiled: bool,
+            info: dist.DistInfo) -> dict[str, Any]:
     """The final checkpoint, evaluation and weights, the averaged models, and DONE; the result on every rank.
 
     The final checkpoint comes first, so a failure after it leaves a run that resumes with no step to retrain;
@@ -428,7 +449,7 @@ def _finish(cfg: RunConfig, run_dir: Path, data: _Data, model: Transformer, opti
             log.drop_evaluation(plan.total_steps)  # a finish that failed before may have logged it already
             log.write({"step": plan.total_steps, **final})
             ckpt.save_weights(run_dir / "model.safetensors", model, {"model": to_dict(model.cfg)})
-            result = _result(cfg, data, model, final, last_loss)
+            result = _result(cfg, data, model, final, last_loss) | {"compiled": compiled}
             result |= averager.finish(data.heldout(t, t.final_eval_tokens))
             mark_done(run_dir, result)
         except Exception as e:
