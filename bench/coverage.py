@@ -105,6 +105,7 @@ def main() -> None:
     ap.add_argument("--sizes", type=int, nargs="+", default=[4, 5, 6])
     ap.add_argument("--seeds", type=int, nargs="+", default=[2, 3, 4])
     ap.add_argument("--write", action="store_true")
+    ap.add_argument("--out", type=Path, default=OUT, help="where --write puts the table")
     args = ap.parse_args()
     world = measured(args.world)
     rows = []
@@ -119,7 +120,7 @@ def main() -> None:
             rows.append(row)
             print(json.dumps(row), flush=True)
             if args.write:  # after every row: a long study that is stopped keeps what it measured
-                atomic_write_json(OUT, document(world, args, rows))
+                atomic_write_json(args.out, document(world, args, rows))
     print("| sizes | seeds | " + " | ".join(METHODS) + " | profile bounds E below | paired decides ΔE < 0 |")
     print("|---|---|" + "---|" * (len(METHODS) + 2))
     for r in rows:
