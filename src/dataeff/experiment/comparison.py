@@ -183,5 +183,6 @@ def profile_result(name: str, x: list[float], y: list[float], n_seeds: list[int]
     advice = (f"{helps[0].what} is projected to bound it (lower end {helps[0].projected_lo:.4f})" if helps else
               "no single extra size or seed count tried (" + ", ".join(v.what for v in out.suggestions) +
               ") is projected to bound it")
-    out.statement = f"{head}; the data do NOT bound E from below: E = {floor_text} is within the χ² cut. {advice}"
+    out.statement = (f"{head}; the data do NOT bound E from below: E = {floor_text} is within the χ² cut. "
+                     f"{advice[0].upper()}{advice[1:]}")
     return out
