@@ -141,3 +141,20 @@ def test_analyse_records_paired_comparisons_profiles_and_decisions(tmp_path):
     report = write_report(tmp_path)["markdown"].read_text()
     assert "Paired comparisons" in report and "Profile-likelihood intervals of E" in report
     assert c.sentence in report
+
+
+def test_designs_whose_intervals_under_covered_are_refused_before_training(monkeypatch):
+    from dataeff.errors import DataeffWarning
+    from dataeff.experiment import coverage
+
+    rows = ({"sizes": 4, "seeds": 2, "bootstrap": 0.95, "profile": 0.85, "paired": 0.93},
+            {"sizes": 5, "seeds": 2, "bootstrap": 0.95, "profile": 0.94, "paired": 0.95})
+    monkeypatch.setattr(coverage, "_rows", lambda: rows)
+    with pytest.raises(DataeffError, match="profile 85%"):
+        coverage.check(4, 2, 0.95, "refuse")
+    with pytest.warns(DataeffWarning, match="profile 85%"):
+        assert coverage.check(4, 2, 0.95, "warn") is rows[0]
+    assert coverage.check(9, 7, 0.95, "refuse") is rows[1]  # beyond the study: its largest design
+    with pytest.warns(DataeffWarning, match="did not measure 3 sizes"):
+        assert coverage.check(3, 2, 0.95, "refuse") is None
+    assert coverage.check(4, 2, 0.95, "off") is None

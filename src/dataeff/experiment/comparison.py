@@ -134,7 +134,7 @@ class ProfileResult:
 
     refused: str | None = None
     E: float | None = None  # the least-squares optimum (the Huber fit's E may differ slightly)
-    ci: Interval | None = None  # lower end: the floor when not bounded below; upper end: None when unbounded
+    ci: Interval | None = None  # lower end: the floor when not bounded below; upper end: None when unbounded above
     bounded_below: bool = False
     floor: float = 0.0
     floor_is_entropy: bool = False  # the floor is a known entropy (fit.entropy_floor), not 0
@@ -168,7 +168,7 @@ def profile_result(name: str, x: list[float], y: list[float], n_seeds: list[int]
     out.bounded_below, out.cut, out.chi2_min = p.bounded_below, p.cut, p.chi2_min
     floor_text = f"the known entropy floor {floor:.4f}" if out.floor_is_entropy else f"{floor:g}"
     head = f"{name}: E = {p.E:.4f}, {f.ci:.0%} profile-likelihood interval [{p.lo:.4f}, " \
-           f"{f'{p.hi:.4f}' if p.bounded_above else 'the smallest loss'}]"
+           f"{f'{p.hi:.4f}' if p.bounded_above else 'unbounded'}]"
     if p.bounded_below:
         out.statement = f"{head}; bounded from below by the data"
         return out
@@ -183,5 +183,6 @@ def profile_result(name: str, x: list[float], y: list[float], n_seeds: list[int]
     advice = (f"{helps[0].what} is projected to bound it (lower end {helps[0].projected_lo:.4f})" if helps else
               "no single extra size or seed count tried (" + ", ".join(v.what for v in out.suggestions) +
               ") is projected to bound it")
-    out.statement = f"{head}; the data do NOT bound E from below: E = {floor_text} is within the χ² cut. {advice}"
+    out.statement = (f"{head}; the data do NOT bound E from below: E = {floor_text} is within the χ² cut. "
+                     f"{advice[0].upper()}{advice[1:]}")
     return out

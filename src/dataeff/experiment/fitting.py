@@ -37,6 +37,9 @@ class FitConfig:
         None, "a known entropy of the data in nats per token (e.g. a synthetic world's exact entropy rate): the "
               "lowest E the profile likelihood considers. Set it only when it is a fact, never to tighten an "
               "interval", min=0.0)
+    coverage: Literal["refuse", "warn", "off"] = option(
+        "refuse", "a design (sizes × seeds) whose 95% intervals covered the truth below 90% in the coverage study "
+                  "(docs/intervals.md): refuse it before training, warn, or skip the check")
 
 
 Interval = tuple[float | None, float | None]

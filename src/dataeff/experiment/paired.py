@@ -10,7 +10,8 @@ anti-correlated). Two resampling schemes, named in every result:
   seed bootstrap has only a handful of distinct resamples and its spread is too small by (n-1)/n.
 - ``parametric``: draw each point's mean log loss around its fitted law from a bivariate normal whose
   covariance (each recipe's seed noise and their correlation) is pooled over every size measured on several
-  seeds in both recipes, divided by that point's seed count; refit both. Where no point has several seeds it
+  seeds in both recipes, divided by that point's seed count; refit both. Each replicate scales the noise by a
+  draw of σ̂'s own uncertainty (ν / χ²_ν on its ν dof), which matters with 2-3 seeds. Where no point has several seeds it
   falls back to a given σ with no correlation (``parametric-independent``), since the pairing is unmeasured.
 
 At matched sizes the difference of mean losses gets a t interval on the seed-wise differences, their variance
@@ -119,6 +120,10 @@ def paired_asymptotes(x: ArrayLike, runs_a: list[list[float]], runs_b: list[list
                                "unmeasured; add confirm_seeds or set fit.sigma")
         z1, z2 = rng.standard_normal((2, n_boot, len(xa)))
         scale = 1.0 / np.sqrt(counts)
+        if noise is not None:
+            # σ was measured on few dof: each replicate draws its own from σ̂'s sampling law (σ̂² ν / χ²_ν), so
+            # the interval carries that uncertainty too (with σ̂ held fixed, 4 sizes × 2 seeds covered 89%).
+            scale = scale * np.sqrt(noise.dof / rng.chisquare(noise.dof, size=(n_boot, 1)))
         la = np.log(fit_a.predict(xa)) + sa * scale * z1
         lb = np.log(fit_b.predict(xa)) + sb * scale * (rho * z1 + math.sqrt(max(1 - rho * rho, 0.0)) * z2)
     d = scaling.refit_samples(xa, mean_a, la)[:, 0] - scaling.refit_samples(xa, mean_b, lb)[:, 0]

@@ -7,7 +7,8 @@ squares; χ²(E) = min_{A,α} Σ (log y_i − log(E + A x_i^-α))² / σ_i². Th
 with ν degrees of freedom (a profile's Wilks statistic divided by an estimated σ² is F-distributed in the
 linear case; with few seeds the χ² cut is too narrow).
 
-E is searched from ``floor`` (0, or a known entropy floor of the data: never a guess) up to the smallest loss.
+E is searched from ``floor`` (0, or a known entropy floor of the data: never a guess) up to 6σ above the smallest
+loss: unlike the Huber fits, which keep E below every loss, the likelihood lets noise put a loss below E.
 When χ²(floor) is within the cut the data do not bound E from below, and the interval says so rather than
 quoting the floor as if it were measured. :func:`suggest` then asks which extra measurement would bound it:
 it adds the points the fitted law predicts (an extra size, or more seeds shrinking σ) and recomputes the
@@ -28,7 +29,6 @@ from dataeff.errors import DataeffError
 _ALPHA = (1e-3, 10.0)
 _B = (-60.0, 30.0)
 _STARTS = np.geomspace(0.02, 5.0, 10)
-_TOP = 1.0 - 1e-6  # E stays below the smallest loss, as in the Huber fits
 
 
 @dataclass(frozen=True)
@@ -57,7 +57,10 @@ def _profile_rows(e: np.ndarray, lu: np.ndarray, logz: np.ndarray, w: np.ndarray
     m, k = len(e), len(_STARTS)
     ee = np.repeat(e, k)
     alpha = np.tile(_STARTS, m)
-    b = np.clip((np.log(np.exp(logz)[None, :] - ee[:, None]) + alpha[:, None] * lu).mean(axis=1), *_B)
+    z = np.exp(logz)[None, :]
+    # E may exceed a noisy loss (the residual is then negative); the start only needs a positive excess.
+    excess = np.maximum(z - ee[:, None], 1e-3 * z)
+    b = np.clip((np.log(excess) + alpha[:, None] * lu).mean(axis=1), *_B)
     lam = np.full(m * k, 1e-3)
 
     def ssr(b: np.ndarray, alpha: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -103,7 +106,10 @@ def profile_E(x: ArrayLike, y: ArrayLike, sigma: float | ArrayLike, *, ci: float
         raise DataeffError(f"profile likelihood: floor={floor} must lie in [0, the smallest loss {y_scale:.4g})")
     lu, logz, w = np.log(xa / x_scale), np.log(ya / y_scale), 1.0 / sa**2
     c = cut(ci, sigma_dof)
-    lo_e, hi_e = floor / y_scale, _TOP
+    # E is searched past the smallest loss, by 6 of its noise σ: noise can put every loss of the largest sizes
+    # below a true asymptote that the law approaches closely there.
+    top = math.exp(6 * float(sa.max()))
+    lo_e, hi_e = floor / y_scale, top
     grids, chis, bs, als = [], [], [], []
     # A coarse pass over [floor, min y), then two finer passes around the region within the cut.
     for _ in range(3):
@@ -113,7 +119,7 @@ def profile_E(x: ArrayLike, y: ArrayLike, sigma: float | ArrayLike, *, ci: float
         e_all, f_all = np.concatenate(grids), np.concatenate(chis)
         inside = e_all[f_all - f_all.min() <= c]
         step = (hi_e - lo_e) / (n_grid - 1)
-        lo_e, hi_e = max(floor / y_scale, inside.min() - 2 * step), min(_TOP, inside.max() + 2 * step)
+        lo_e, hi_e = max(floor / y_scale, inside.min() - 2 * step), min(top, inside.max() + 2 * step)
     e_all, f_all = np.concatenate(grids), np.concatenate(chis)
     b_all, a_all = np.concatenate(bs), np.concatenate(als)
     order = np.argsort(e_all, kind="stable")

@@ -22,10 +22,11 @@ from dataeff.config import option
 from dataeff.errors import DataeffError
 from dataeff.eval.ensemble import EnsembleSpec, save_ensemble
 from dataeff.experiment import scaling
+from dataeff.experiment.comparison import Comparison, compare_samples
 from dataeff.experiment.ensemble_train import member_config, score_ensemble
 from dataeff.experiment.fitting import Fit, Interval, Multiplier, fit_with_intervals, multiplier
 from dataeff.experiment.stage import Context, Stage, StageResult
-from dataeff.experiment.stages.tuning import multiplier_cells, recipes_of
+from dataeff.experiment.stages.tuning import comparison_blocks, decide, multiplier_cells, recipes_of
 from dataeff.report.blocks import (
     MISSING,
     Block,
@@ -39,6 +40,7 @@ from dataeff.report.blocks import (
     interval,
     knobs_text,
     loss,
+    mult,
     sig,
 )
 from dataeff.report.plots import band, colors, curve, new_figure, png, set_ylim, shown_path
@@ -120,6 +122,8 @@ class EnsemblesResult(StageResult):
     joint_limit: JointLimitResult | None = None
     joint_multiplier: Multiplier | None = None
     verdict: list[str] = field(default_factory=list)
+    # The joint limit against the single-model asymptotes (the recipe's, then the baseline's).
+    comparisons: list[Comparison] = field(default_factory=list)
 
     def headline(self) -> list[str]:
         return self.verdict
@@ -200,14 +204,28 @@ def _run(ctx: Context, e: EnsembleStageConfig) -> EnsemblesResult:
         E=jl.E, E_ci=jl.interval, n_fit=dict(jl.n_fit.to_dict()), E_N={by_n[n]: f.E for n, f in jl.k_fits.items()},
         E_N_ci={by_n[n]: ci for n, ci in jl.E_N_intervals.items()}, params={by_n[n]: int(n) for n in jl.k_fits},
         summary=scaling.fit_summary(jl), n_boot=jl.n_boot, n_skipped=jl.n_skipped)
+    for name in dict.fromkeys([e.recipe, tuning.baseline_recipe]):
+        single = tuning.fits.get(name)
+        if single is not None and single.fitted and single.replicates:
+            out.comparisons.append(compare_samples(_JOINT, f"{name} asymptote", jl.E - single.E, jl.E_samples,
+                                                   np.asarray(single.replicates["E"]), cfg.fit.ci))
     ds = tuning.data_scaling
     if ds is not None:
         best = [v if v is not None else math.inf for v in ds.best_loss]
-        out.joint_multiplier = multiplier(jl.E, ds, [float(b) for b in ds.budgets], best, world, cfg.fit.ci, jl.E_samples)
+        out.joint_multiplier = multiplier(jl.E, ds, [float(b) for b in ds.budgets], best, world, cfg.fit.ci, jl.E_samples,
+                                          baseline_sigma=tuning.seed_sigma, seed=cfg.fit.seed)
+        vs_baseline = next((c for c in out.comparisons if c.b == f"{tuning.baseline_recipe} asymptote"), None)
+        if vs_baseline is None:
+            decide(out.joint_multiplier, None, f"no comparison with the {tuning.baseline_recipe} asymptote")
+        else:
+            decide(out.joint_multiplier, vs_baseline.decided_lower,
+                   f"the interval of {vs_baseline.a} − {vs_baseline.b} "
+                   + ("says it is lower" if vs_baseline.decided_lower else "does not say it is lower"))
     lo, hi = jl.interval
     single = tuning.fits.get(e.recipe)
     versus = f" vs the {e.recipe} recipe's asymptote {single.E:.4f}" if single is not None and single.refused is None else ""
-    out.verdict = [f"ensembles: joint limit (K → ∞, then N → ∞) E = {jl.E:.4f} [{lo:.4f}, {hi:.4f}]{versus}"]
+    out.verdict = [f"ensembles: joint limit (K → ∞, then N → ∞) E = {jl.E:.4f} [{lo:.4f}, {hi:.4f}]{versus}",
+                   *(c.sentence for c in out.comparisons)]
     return out
 
 
@@ -431,7 +449,10 @@ def _joint_limit_blocks(ens: EnsemblesResult, baseline: str, ci: float) -> list[
     return [Para("Joint limit: the N-law E + A·N^-α fitted to the sizes' K-law asymptotes E_N; its E is the loss with "
                  "both the model size N and the member count K taken to infinity. The multiplier is the tokens the "
                  f"{baseline} recipe needs to reach it, over the world's budget."),
-            Table([f"E (N, K → ∞) [{ci:.0%} CI]", "A", "α", f"multiplier, power law [{ci:.0%} CI]", "interpolated"], [row])]
+            Table([f"E (N, K → ∞) [{ci:.0%} CI]", "A", "α", f"multiplier, power law [{ci:.0%} CI]", "interpolated",
+                   f"interpolated [{ci:.0%} CI]", "decision"],
+                  [[*row, interval(m.interpolated_ci, mult) if m else MISSING, (m.decision or MISSING) if m else MISSING]]),
+            *comparison_blocks(ens.comparisons, ci)]
 
 
 STAGE = Stage("ensembles", config=lambda cfg: cfg.ensembles, enabled=lambda e: e.members >= 1,

@@ -23,6 +23,7 @@ from matplotlib.lines import Line2D
 from dataeff.config import option
 from dataeff.data.tokens import prepare
 from dataeff.errors import DataeffError
+from dataeff.experiment import coverage
 from dataeff.experiment.comparison import (
     Comparison,
     ProfileResult,
@@ -131,6 +132,8 @@ class TuningResult(StageResult):
     profiles: dict[str, ProfileResult] = field(default_factory=dict)
     seed_sigma_run: float | None = None  # the seed noise of one run's log loss
     seed_dof: int | None = None
+    # The coverage study's row for this design (sizes × seeds): each method's share of intervals holding the truth.
+    coverage: dict[str, float] | None = None
 
     def headline(self) -> list[str]:
         return self.verdict
@@ -273,6 +276,11 @@ def _confirm(ctx: Context, tasks: list[TuningProblem]) -> None:
 
 def _check(ctx: Context, cfg: Any) -> None:
     plan_tasks(cfg)
+    coverage.check(len(cfg.sizes), _n_seeds(cfg), cfg.fit.ci, cfg.fit.coverage)
+
+
+def _n_seeds(cfg: Any) -> int:
+    return len(dict.fromkeys([*cfg.seeds, *cfg.confirm_seeds]))
 
 
 def _run(ctx: Context, cfg: Any) -> TuningResult:
@@ -320,7 +328,7 @@ def analyse(cfg: Any, tasks: list[TuningProblem], vocab: int, world: int) -> Tun
     at_world = {(t.recipe, t.size): t for t in tuned if t.budget == world}
     noise = seed_noise(_optimum_seed_losses(tasks))
     sigma = cfg.fit.sigma or pooled_sigma(_optimum_seed_losses(tasks))
-    n_seeds = len(dict.fromkeys([*cfg.seeds, *cfg.confirm_seeds]))
+    n_seeds = _n_seeds(cfg)
     # fit.sigma is the noise of a point's mean; one run's is √seeds larger.
     sigma_run, sigma_dof = noise if noise is not None else (
         (cfg.fit.sigma * math.sqrt(n_seeds), None) if cfg.fit.sigma else (None, None))
@@ -338,6 +346,8 @@ def analyse(cfg: Any, tasks: list[TuningProblem], vocab: int, world: int) -> Tun
         sizes=list(cfg.sizes), params=params, recipes=recipes, tuned=tuned, fits=fits,
         standard_best=finite_or_none(standard_best), baseline_recipe=baseline, seed_sigma=sigma,
         verdict=[], seed_sigma_run=sigma_run, seed_dof=sigma_dof)
+    row = coverage.lookup(len(cfg.sizes), n_seeds) if cfg.fit.ci == 0.95 else None
+    out.coverage = {m: float(row[m]) for m in coverage.METHODS} if row else None
     out.profiles = _profiles(cfg, out, vocab, world, sigma_run, sigma_dof)
     out.comparisons = [_compare(cfg, out, r.name, baseline, world, sigma_run) for r in recipes if r.name != baseline]
 
@@ -461,6 +471,7 @@ def _section(results: Any, root: Path) -> list[Block]:
         _fits_table(t, ci),
         *comparison_blocks(t.comparisons, ci),
         *_profile_blocks(t, ci),
+        _coverage_para(t, ci),
         Heading("Data efficiency"), _fig_data_efficiency(t, multipliers, world, ci),
     ]
     if multipliers:
@@ -518,6 +529,17 @@ def comparison_blocks(comparisons: list[Comparison], ci: float) -> list[Block]:
     return blocks
 
 
+def _coverage_para(t: TuningResult, ci: float) -> Para:
+    n_seeds = max((len(t.seed_losses(p.recipe, p.size, p.budget)) for p in t.tuned), default=0)
+    design = f"{len(t.sizes)} sizes and {n_seeds} seeds"
+    if t.coverage is None:
+        return Para(f"The coverage study (docs/intervals.md) did not measure {design} at a {ci:.0%} level: how often "
+                    "these intervals hold the truth is unknown.")
+    return Para(f"In the coverage study on the known-truth world (docs/intervals.md), {ci:.0%} intervals of a design "
+                f"with {design} held the true value in " + ", ".join(f"{v:.0%} ({m})" for m, v in t.coverage.items())
+                + " of simulated repetitions.")
+
+
 def _signed(v: float | None) -> str:
     return MISSING if v is None else f"{v:+.4f}"
 
@@ -531,7 +553,7 @@ def _profile_blocks(t: TuningResult, ci: float) -> list[Block]:
             rows.append([name, Cell("refused", p.refused), MISSING, MISSING])
             continue
         lo = loss(p.ci[0]) if p.bounded_below and p.ci else Cell("not bounded", f"E = {p.floor:g} is within the cut")
-        hi = loss(p.ci[1]) if p.ci and p.ci[1] is not None else Cell("smallest loss", "not bounded above by the law")
+        hi = loss(p.ci[1]) if p.ci and p.ci[1] is not None else Cell("not bounded", "within the cut 6σ above the smallest loss")
         rows.append([name, loss(p.E), lo, hi])
     return [Heading("Profile-likelihood intervals of E", 3),
             Para("E over a grid, A and α refitted at each, and a χ² cut (F(1, ν) when the seed noise was measured on "
