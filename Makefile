@@ -9,7 +9,7 @@ export DATAEFF_DATA_DIR ?= $(abspath ../shared/data)
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet -e '.[dev,ray,eval]'
+	$(BIN)/pip install --quiet -e '.[dev,ray,eval,track]'
 	touch $@
 
 install: $(VENV)/.installed
