@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, cast
@@ -173,7 +174,7 @@ class TheorySummary:
     plateau: float
     p: float
     inside_fraction: float | None
-    figure: str  # theory.png
+    figure: str  # theory.png, relative to the pipeline root
 
 
 @dataclass
@@ -484,7 +485,8 @@ def _run(ctx: Context, c: CPTStageConfig) -> CPTResult:
         if name == "open_book":
             result.open_book = r.result if r.result is not None else {"error": r.error}
         elif r.result is not None:
-            result.theory = TheorySummary(**r.result)
+            # Kept relative to the root, so the report finds it from any working directory.
+            result.theory = TheorySummary(**{**r.result, "figure": os.path.relpath(r.result["figure"], ctx.root)})
     return result
 
 
@@ -548,9 +550,7 @@ def _theory_figure(r: CPTResult, root: Path) -> Fig:
     t = r.theory
     if t is None:
         return Fig("cpt_theory", "The random-graph model did not run.", None)
-    path = Path(t.figure)
-    if not path.is_absolute() and not path.is_file():
-        path = root / path
+    path = root / t.figure
     caption = (f"EntiGraph's random-graph model (V={t.V}, λ={t.lam:g}): simulated Acc(M_t) against synthesis steps "
                f"with Monte Carlo intervals and the closed form; it rises as a mixture of exponentials and "
                f"saturates at the reachable fraction {t.plateau:.3f}"
@@ -605,12 +605,23 @@ def _section(results: Any, root: Path) -> list[Block]:
     if r.skipped:
         blocks.append(Para("Token counts left out: " + "; ".join(r.skipped) + "."))
     chance = base.qa.chance if base is not None else None
-    near = [p for p in r.points if p.qa.acc is not None and p.qa.acc_low is not None and p.qa.acc_high is not None
-            and chance is not None and p.qa.acc_low <= chance <= p.qa.acc_high]
-    blocks.append(Para(f"{len(near)} of {sum(p.qa.acc is not None for p in r.points)} models' intervals contain "
-                       f"chance ({_pct(chance)}). A model this small knows next to nothing of the articles' "
-                       "facts and answers near chance; the scaling claim is tested only at the paper's scale "
-                       "(docs/cpt.md)."))
+    scored = [p for p in r.points if p.qa.acc is not None]
+
+    def containing(lo: str, hi: str) -> int:
+        return sum(chance is not None and getattr(p.qa, lo) is not None and getattr(p.qa, lo) <= chance <= getattr(p.qa, hi)
+                   for p in scored)
+
+    attempted = [p.qa.attempt_rate for p in scored if p.qa.attempt_rate is not None]
+    blocks.append(Para(
+        f"Closing note: chance is {_pct(chance)}. The 95% interval of acc contains it for {containing('acc_low', 'acc_high')} "
+        f"of {len(scored)} models, that of acc_norm for {containing('acc_norm_low', 'acc_norm_high')}; acc below chance "
+        "is the log-likelihood's preference for short options (QuALITY's right answers tend to be long), not "
+        "knowledge, which acc_norm removes. "
+        + (f"Chain-of-thought generation was attempted on at most {_pct(max(attempted))} of the questions. "
+           if attempted else "")
+        + "A model this small knows next to nothing of the articles' facts and answers at chance whatever it was "
+          "continued on; these figures test the machinery, and the scaling claim is tested only at the paper's "
+          "scale (docs/cpt.md)."))
     return blocks
 
 
