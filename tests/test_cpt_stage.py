@@ -88,7 +88,7 @@ def test_corpora_are_generated_through_dataeff_serve(tmp_path, small_corpus):
     cfg.cpt.entigraph = cfg.cpt.rephrase = None
     cfg.cpt.generate, cfg.cpt.serve, cfg.cpt.serve_port = True, "test", 8791
     cfg.cpt.generator.max_tokens = 16
-    cfg.cpt.rephrase_settings = {"chunk_words": 30, "context_words": 0, "fidelity": {"method": "off"}}
+    cfg.cpt.rephrase_settings = {"chunk_words": 30, "context_words": 0, "fidelity": {"method": "none"}}
     cfg.cpt.entigraph_settings = {"split_words": 60}
     cfg.cpt.token_counts, cfg.cpt.ensemble_seeds = [200, 400, 800], []
     run_pipeline(cfg, progress=False)

@@ -73,7 +73,9 @@ def test_pipeline_tunes_fits_and_reruns_nothing(small_corpus, tmp_path):
         fit = tuning.fits[name]
         assert fit.method == "parametric" and fit.E_ci[0] <= fit.E <= fit.E_ci[1]
     assert tuning.data_scaling.budgets == [500, 1000, 1500]
-    assert len(tuning.verdict) == 2
+    # One line per recipe, then each paired comparison's verdict and each profile's statement about E.
+    assert len(tuning.verdict) == 2 + len(tuning.comparisons) + len(tuning.profiles)
+    assert [c.sentence for c in tuning.comparisons] == tuning.verdict[2:2 + len(tuning.comparisons)]
     root = tmp_path / "p"
     assert (root / "results.json").exists() and (root / "report" / "report.html").exists()
 

@@ -44,6 +44,8 @@ def served(tmp_path_factory: pytest.TempPathFactory):
                                   for i in range(120)) + "\n", encoding="utf-8")
     cfg = tiny_config(corpus, root / "run", epochs=2, dtype="fp32")
     cfg.model.seq_len = 256
+    # Fifteen words support about 295 byte-level BPE tokens, fewer than tiny_config's vocabulary.
+    cfg.tokenizer.vocab_size = 290
     train(cfg)
     with ThreadServer(build_app(ServeConfig(model=str(root / "run"), name="tiny", dtype="fp32", device="cpu"))) as server:
         yield server.url
