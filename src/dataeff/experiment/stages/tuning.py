@@ -447,9 +447,9 @@ def _verdict(recipes: list[RecipeConfig], fits: dict[str, Fit], standard_best: f
             lines.append(f"{r.name}: no asymptote ({fit.refused if fit is not None and fit.refused else 'no fit'})")
             continue
         lo, hi = fit.E_ci
-        rel = ("below" if hi is not None and hi < standard_best else
-               "above" if lo is not None and lo > standard_best else "not distinguishable from")
-        lines.append(f"{r.name}: asymptote E = {fit.E:.4f} [{loss(lo)}, {loss(hi)}] ({ci:.0%} CI) lies {rel} the standard "
+        rel = ("lies below" if hi is not None and hi < standard_best else
+               "lies above" if lo is not None and lo > standard_best else "is not distinguishable from")
+        lines.append(f"{r.name}: asymptote E = {fit.E:.4f} [{loss(lo)}, {loss(hi)}] ({ci:.0%} CI) {rel} the standard "
                      f"recipe's best loss {standard_best:.4f}")
     return lines
 
