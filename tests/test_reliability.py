@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -232,6 +233,18 @@ def test_rerunning_after_done_was_deleted_logs_the_final_row_once(small_corpus, 
     assert train(cfg)["val_loss"] == first["val_loss"]
     final = [r for r in read_jsonl(run / "metrics.jsonl") if "val_loss" in r and r["step"] == first["steps"]]
     assert len(final) == 1
+
+
+def test_a_run_that_starts_over_logs_each_step_once(small_corpus, tmp_path):
+    # Killed after logging steps but before its first checkpoint: the rerun starts from step 0.
+    run = tmp_path / "run"
+    cfg = tiny_config(small_corpus, run, epochs=1)
+    first = train(cfg)
+    (run / "DONE").unlink()
+    shutil.rmtree(run / "checkpoints")
+    assert train(cfg)["val_loss"] == first["val_loss"]
+    steps = [r["step"] for r in read_jsonl(run / "metrics.jsonl") if "train_loss" in r]
+    assert steps == sorted(set(steps)) and len(steps) > 1
 
 
 # 9, 10, 11 -----------------------------------------------------------------------------------------------

@@ -301,6 +301,8 @@ def _resume(ckpt_dir: Path, model: Transformer, optimizers: list[torch.optim.Opt
         if info.is_main:
             log.rewind(start_step)
         return start_step
+    if info.is_main:
+        log.rewind(-1)  # no checkpoint loads: the run starts over, and rows an earlier attempt logged would repeat
     return 0
 
 
