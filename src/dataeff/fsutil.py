@@ -13,6 +13,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from dataeff.errors import DataeffError
+
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
@@ -60,6 +62,22 @@ def read_jsonl(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
         except json.JSONDecodeError:
             break
     return rows
+
+
+def json_records(text: str, where: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(``where:line``, record) for every non-blank line of a JSONL file made elsewhere: unlike
+    :func:`read_jsonl`, a malformed line or a non-object is an error naming its line."""
+    for number, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        loc = f"{where}:{number}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataeffError(f"{loc}: malformed JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(record, dict):
+            raise DataeffError(f"{loc}: expected a JSON object, got {type(record).__name__}")
+        yield loc, record
 
 
 @contextlib.contextmanager

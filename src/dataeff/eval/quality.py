@@ -16,7 +16,6 @@ few questions L-Eval added are kept (they cannot be told apart reliably by their
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import string
@@ -28,6 +27,7 @@ from typing import Any, Literal
 import numpy as np
 
 from dataeff.errors import DataeffError
+from dataeff.fsutil import json_records
 
 Split = Literal["validation", "test", "all"]
 VALIDATION_SHARE = 0.2  # the first 20% of articles by title, as in EntiGraph's code; the rest is test
@@ -115,16 +115,7 @@ def _records(path: Path) -> Iterator[tuple[Article, list[Any], list[Any]]]:
         raise DataeffError(f"{path}: no such file") from None
     except UnicodeDecodeError as e:
         raise DataeffError(f"{path}: not valid UTF-8 ({e.reason})") from None
-    for number, line in enumerate(raw.split("\n"), start=1):
-        if not line.strip():
-            continue
-        where = f"{path}:{number}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataeffError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
-        if not isinstance(record, dict):
-            raise DataeffError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    for where, record in json_records(raw, str(path)):
         text, questions, answers = record.get("input"), record.get("instructions"), record.get("outputs")
         if not isinstance(text, str) or not text.strip():
             raise DataeffError(f"{where}: field 'input' (the article) must be a non-empty string")

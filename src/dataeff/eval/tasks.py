@@ -21,12 +21,11 @@ from __future__ import annotations
 
 import bz2
 import difflib
-import json
 import math
 import re
 import zipfile
 from collections import defaultdict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -42,7 +41,7 @@ from dataeff.data.tokenizer import Tokenizer
 from dataeff.errors import DataeffError
 from dataeff.eval.ensemble import Ensemble, load_ensemble
 from dataeff.eval.quality import QAItem, accuracy, read_quality, split_items
-from dataeff.fsutil import atomic_write_json
+from dataeff.fsutil import atomic_write_json, json_records
 from dataeff.model.transformer import Transformer
 from dataeff.train.dist import pick_device
 from dataeff.train.rundir import load_model
@@ -101,21 +100,6 @@ def _decode(raw: bytes, where: str) -> str:
         raise DataeffError(f"{where}:{line}: not valid UTF-8 ({e.reason})") from None
 
 
-def _json_lines(text: str, where: str) -> Iterator[tuple[str, dict[str, Any]]]:
-    """(``file:line``, record) for every non-blank line."""
-    for number, line in enumerate(text.split("\n"), start=1):
-        if not line.strip():
-            continue
-        loc = f"{where}:{number}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataeffError(f"{loc}: malformed JSON ({e.msg} at column {e.colno})") from None
-        if not isinstance(record, dict):
-            raise DataeffError(f"{loc}: expected a JSON object, got {type(record).__name__}")
-        yield loc, record
-
-
 def _text(record: dict[str, Any], key: str, where: str) -> str:
     if key not in record:
         raise DataeffError(f"{where}: missing field '{key}'")
@@ -139,7 +123,7 @@ def read_arc(path: str | Path) -> list[MCItem]:
     """llm-foundry's ARC jsonl: ``query`` ("Question: ..."), ``choices`` and ``gold``, in lm-eval's prompt."""
     path = Path(path)
     items = []
-    for where, record in _json_lines(_decode(_read_bytes(path), str(path)), str(path)):
+    for where, record in json_records(_decode(_read_bytes(path), str(path)), str(path)):
         query = _text(record, "query", where)
         choices = record.get("choices")
         if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) and c.strip() for c in choices):
@@ -151,7 +135,7 @@ def read_arc(path: str | Path) -> list[MCItem]:
 def read_piqa(path: str | Path, labels: str | Path) -> list[MCItem]:
     """PIQA's ``goal``/``sol1``/``sol2`` jsonl with its labels file (one 0/1 per line), in lm-eval's prompt."""
     path, labels = Path(path), Path(labels)
-    records = list(_json_lines(_decode(_read_bytes(path), str(path)), str(path)))
+    records = list(json_records(_decode(_read_bytes(path), str(path)), str(path)))
     golds = [(f"{labels}:{i}", line) for i, line in enumerate(_decode(_read_bytes(labels), str(labels)).split("\n"), 1)
              if line.strip()]
     if len(golds) != len(records):
@@ -220,7 +204,7 @@ def read_blimp(path: str | Path) -> list[PairItem]:
         for member in members:
             where = f"{path}:{member}"
             paradigm = Path(member).stem
-            for loc, record in _json_lines(_decode(archive.read(member), where), where):
+            for loc, record in json_records(_decode(archive.read(member), where), where):
                 items.append(PairItem(_text(record, "sentence_good", loc), _text(record, "sentence_bad", loc), paradigm))
     return items
 
@@ -229,7 +213,7 @@ def read_lambada(path: str | Path) -> list[ClozeItem]:
     """llm-foundry's LAMBADA jsonl: ``context`` and ``continuation`` (the passage's last word)."""
     path = Path(path)
     return [ClozeItem(_text(r, "context", where), _text(r, "continuation", where))
-            for where, r in _json_lines(_decode(_read_bytes(path), str(path)), str(path))]
+            for where, r in json_records(_decode(_read_bytes(path), str(path)), str(path))]
 
 
 Kind = Literal["mc", "pairs", "cloze", "qa"]
