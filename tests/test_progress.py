@@ -15,6 +15,7 @@ def test_eta_is_the_mean_job_time_times_the_jobs_left_shared_by_the_workers() ->
     out = io.StringIO()
     p = PipelineProgress(file=out, refresh=60)
     p.enter("tuning")
+    assert p.eta() is None and p.line().endswith("ETA ?")  # nothing planned yet is not "done in 0s"
     p.batch(pending=5, skipped=1, workers=2)
     assert p.eta() is None and "runs 1/6" in p.line() and "ETA ?" in p.line()
     p.finished(10.0)

@@ -122,6 +122,7 @@ def make_results(root: Path) -> Results:
     cfg = PipelineConfig(name="tiny-world", seeds=[0])
     cfg.fit.n_boot = 200
     return Results(name="tiny-world", world_tokens=WORLD, config=cfg, seconds=4321.0,
+                   stage_seconds={"tuning": 4000.0, "overfitting": 321.0},
                    stages={"tuning": tuning, "overfitting": OverfittingResult(sweep)})
 
 
@@ -261,6 +262,7 @@ def test_markdown_has_the_numbers(report: tuple[Path, dict[str, Path]]) -> None:
     md = report[1]["markdown"].read_text(encoding="utf-8")
     for line in VERDICT:
         assert f"- {line}" in md
+    assert "Wall time: 4321 s (1.20 h) (tuning 1h06m, overfitting 5m21s)" in md
     # Asymptote with its interval, the A/alpha intervals, and the refused recipe with its reason.
     assert "| regularized | N | 3 | 3.4321 [3.3987, 3.4655] | 10 [7.875, 13.06] | 0.3 [0.2812, 0.3187] |" in md
     note = re.search(r"\| standard \| N \| 2 \| refused\[\^(\d+)\] \|", md)

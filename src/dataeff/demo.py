@@ -12,6 +12,7 @@ from dataeff.data.tokens import prepare
 from dataeff.errors import DataeffError
 from dataeff.experiment.config import PipelineConfig
 from dataeff.experiment.pipeline import run_pipeline
+from dataeff.experiment.progress import clock
 
 CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo_pipeline.yaml"
 
@@ -41,7 +42,8 @@ def main(argv: list[str] | None = None) -> int:
         kept = f"{s.retained:.0%} of the ensemble's gain" if s.retained is not None else "no gain to keep"
         print(f"distilled student ({s.name}): loss {s.loss:.3f}, keeps {kept}" if s.loss is not None
               else f"distilled student ({s.name}): failed ({s.error})")
-    print(f"pipeline time: {results.seconds / 60:.1f} minutes")
+    stages = ", ".join(f"{name} {clock(s)}" for name, s in results.stage_seconds.items())
+    print(f"pipeline time: {results.seconds / 60:.1f} minutes ({stages})")
     print(f"report: {(Path(cfg.root) / 'report' / 'report.html').resolve()} (and report.md beside it)")
     return 0
 

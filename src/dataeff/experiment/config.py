@@ -67,6 +67,7 @@ class Results:
     world_tokens: int
     config: PipelineConfig
     seconds: float | None = None
+    stage_seconds: dict[str, float] = field(default_factory=dict)  # wall time of each stage, to plan a cut
     stages: dict[str, Any] = field(default_factory=dict)  # in STAGES order; each is a top-level key of the file
 
     def __getitem__(self, stage: str) -> Any:
@@ -84,7 +85,7 @@ class Results:
 def write_results(path: str | Path, results: Results) -> None:
     """Strict JSON (failed losses are null beside their reason, never Infinity), written atomically."""
     doc = plain({"name": results.name, "world_tokens": results.world_tokens, "config": results.config,
-                 "seconds": results.seconds})
+                 "seconds": results.seconds, "stage_seconds": results.stage_seconds})
     doc |= {s.name: plain(results.stages[s.name]) for s in STAGES if results.stages.get(s.name) is not None}
     atomic_write_text(path, json.dumps(doc, indent=2, allow_nan=False) + "\n")
 

@@ -27,6 +27,7 @@ def run_pipeline(cfg: PipelineConfig, *, progress: bool = True) -> Results:
         stage.check(ctx, stage_cfg)
     ctx.root.mkdir(parents=True, exist_ok=True)
     started = time.time()
+    stage_seconds: dict[str, float] = {}
     if progress and cfg.progress != "none":
         ctx.tracker = PipelineProgress()
         ctx.progress_bars = cfg.progress == "runs"
@@ -34,12 +35,14 @@ def run_pipeline(cfg: PipelineConfig, *, progress: bool = True) -> Results:
         for stage, stage_cfg in enabled:
             if ctx.tracker is not None:
                 ctx.tracker.enter(stage.name)
+            stage_started = time.time()
             ctx.results[stage.name] = stage.run(ctx, stage_cfg)
+            stage_seconds[stage.name] = time.time() - stage_started
     finally:
         if ctx.tracker is not None:
             ctx.tracker.close()
     results = Results(name=cfg.name, world_tokens=ctx.world, config=cfg, seconds=time.time() - started,
-                      stages=dict(ctx.results))
+                      stage_seconds=stage_seconds, stages=dict(ctx.results))
     write_results(ctx.root / "results.json", results)
     write_report(ctx.root)
     return results

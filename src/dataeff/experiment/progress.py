@@ -71,6 +71,8 @@ class PipelineProgress:
         """Seconds until the runs planned so far are done (None before any job has been timed)."""
         with self._lock:
             remaining = self.planned - self.done
+            if not self.planned:
+                return None  # nothing submitted yet: no estimate, not "0s"
             if not remaining:
                 return 0.0
             if not self.job_seconds:

@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 
 from dataeff.experiment.config import STAGES, Results, read_results
+from dataeff.experiment.progress import clock
 from dataeff.experiment.stage import Failure
 from dataeff.fsutil import atomic_path
 from dataeff.report.blocks import (
@@ -70,7 +71,9 @@ def _header(results: Results, n_failed: int) -> list[Block]:
             f"{len(tuning.tuned)} tuning problems",
             f"Overfitting sweep: {len(sweep.runs) if sweep is not None else 0} runs",
             f"Failed: {n_failed} (see Failed runs)",
-            f"Wall time: {seconds(results.seconds)}",
+            f"Wall time: {seconds(results.seconds)}"
+            + (" (" + ", ".join(f"{k} {clock(v)}" for k, v in results.stage_seconds.items()) + ")"
+               if results.stage_seconds else ""),
         ]),
     ]
 
