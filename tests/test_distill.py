@@ -80,12 +80,13 @@ def test_distilled_student_matches_its_teacher_better_and_cache_equals_online(sm
                            init_seed=1, data_seed=1))
     assert (tmp_path / "cached" / "teacher_topk" / ".complete").exists()
     # The cache stores log-probs in float16: the runs' first steps agree to that precision (a window read
-    # from the wrong position would not), and their small differences grow over training.
+    # from the wrong position would not). At lr 1e-2 the two trajectories then part (seen: by 0.01-0.04 nats
+    # from step ~20 on an AVX2 CPU), so the end is held only to a bound far below the distillation's effect.
     def steps(name: str) -> list[float]:
         return [r["train_loss"] for r in read_jsonl(tmp_path / name / "metrics.jsonl") if "train_loss" in r]
 
-    assert steps("cached")[:5] == pytest.approx(steps("online")[:5], abs=1e-3)
-    assert cached["val_loss"] == pytest.approx(online["val_loss"], abs=1e-2)
+    assert steps("cached")[:10] == pytest.approx(steps("online")[:10], abs=1e-3)
+    assert cached["val_loss"] == pytest.approx(online["val_loss"], abs=6e-2)
     rows = [r for r in read_jsonl(tmp_path / "online" / "metrics.jsonl") if "train_ce" in r]
     assert rows and all(r["train_ce"] > 0 for r in rows)
 

@@ -245,7 +245,7 @@ def test_generate_refuses_bad_requests() -> None:
     ("max_tokens", 0, "sample.max_tokens: 0 must be at least 1"),
     ("num_samples", 0, "sample.num_samples: 0"),
     ("batch_size", -2, "sample.batch_size: -2"),
-    ("dtype", "fp16", "'fp16' is not one of 'bf16', 'fp32'"),
+    ("dtype", "fp16", "'fp16' is not one of 'auto', 'bf16', 'fp32'"),
 ])
 def test_config_refuses_out_of_range(key: str, value: object, message: str) -> None:
     with pytest.raises(DataeffError, match=message) as e:

@@ -28,7 +28,7 @@ class EvalConfig:
                                           "model_ema.safetensors, model_swa.safetensors, snapshots/ or checkpoints/ files)")
     max_tokens: int | None = option(None, "score at most this many tokens (default: all)", min=1)
     batch_size: int = option(16, "sequences per forward pass", min=1)
-    dtype: str = option("bf16", "bf16 or fp32")
+    dtype: str = option("auto", "bf16, fp32, or auto: bf16 where the device computes it natively, else fp32")
     device: str = option("auto", "auto, cpu, cuda or mps")
     tasks: list[str] = option([], "also score these downstream tasks (arc_easy, arc_challenge, piqa, hellaswag, "
                                   "blimp, lambada_openai) from DATAEFF_DATA_DIR")

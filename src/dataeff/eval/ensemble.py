@@ -428,7 +428,7 @@ def evaluate_ensemble(
     seq_len: int | None = None,
     batch_size: int = 16,
     max_tokens: int | None = None,
-    dtype: Literal["bf16", "fp32"] = "bf16",
+    dtype: Literal["auto", "bf16", "fp32"] = "auto",
     device: str = "cpu",
     resident: bool | None = None,
     progress: bool = False,
@@ -454,8 +454,8 @@ def evaluate_ensemble(
     for mode in modes:
         if mode not in ("prob", "logit"):
             raise DataeffError(f"evaluate_ensemble: mode {mode!r} is not 'prob' or 'logit'")
-    if dtype not in ("bf16", "fp32"):
-        raise DataeffError(f"evaluate_ensemble: dtype {dtype!r} is not 'bf16' or 'fp32'")
+    if dtype not in ("auto", "bf16", "fp32"):
+        raise DataeffError(f"evaluate_ensemble: dtype {dtype!r} is not 'auto', 'bf16' or 'fp32'")
     if batch_size < 1:
         raise DataeffError(f"evaluate_ensemble: batch_size {batch_size} must be at least 1")
     infos = _inspect_members(names)

@@ -71,7 +71,7 @@ def masked_batches(
 
 
 @torch.no_grad()
-def token_nll(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, dtype: str = "bf16") -> torch.Tensor:
+def token_nll(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, dtype: str = "auto") -> torch.Tensor:
     """Per-token negative log-likelihood (nats), shape like ``y``."""
     device = next(model.parameters()).device
     x, y = x.to(device), y.to(device)
@@ -103,7 +103,7 @@ def evaluate(
     seq_len: int,
     batch_size: int = 16,
     max_tokens: int | None = None,
-    dtype: str = "bf16",
+    dtype: str = "auto",
     doc_offsets: np.ndarray | None = None,
     mask: np.ndarray | None = None,
 ) -> EvalResult:

@@ -39,9 +39,10 @@ from dataeff.errors import DataeffError
 from dataeff.eval.ensemble import Combine, Ensemble, combine_log_probs, load_ensemble
 from dataeff.fsutil import atomic_path
 from dataeff.model.transformer import StepWeights, Transformer
+from dataeff.train.dist import resolve_dtype
 from dataeff.train.rundir import load_model
 
-Dtype = Literal["bf16", "fp32"]
+Dtype = Literal["auto", "bf16", "fp32"]
 
 
 @dataclass
@@ -64,7 +65,7 @@ class SampleConfig:
     batch_size: int = option(16, "sequences decoded together")
     seed: int = option(0, "sampling seed: the same seed and settings give the same samples", min=0)
     stop_at_eos: bool = option(True, "end a sample at the end-of-document token")
-    dtype: Dtype = option("bf16", "bf16 (autocast) or fp32")
+    dtype: Dtype = option("auto", "bf16 (autocast), fp32, or auto: bf16 where the device computes it natively, else fp32")
     device: str = option("auto", "auto, cpu, cuda or mps")
     out: str | None = option(None, "write the samples to this JSONL file (written atomically)")
 
@@ -162,7 +163,8 @@ def generate(
         for m in members:
             m.eval()
         with torch.inference_mode():
-            weights = [m.step_weights(dtype, min(batch_size, len(prompt_ids))) for m in members]
+            compute = resolve_dtype(device, dtype)
+            weights = [m.step_weights(compute, min(batch_size, len(prompt_ids))) for m in members]
             for rows in by_length.values():
                 for start in range(0, len(rows), batch_size):
                     chunk = rows[start : start + batch_size]

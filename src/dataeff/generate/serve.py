@@ -58,7 +58,7 @@ class ServeConfig:
     batch_size: int = option(16, "requests decoded together at most")
     batch_wait_ms: float = option(5.0, "milliseconds a batch waits for more requests to join it")
     device: str = option("auto", "auto, cpu, cuda or mps")
-    dtype: Literal["bf16", "fp32"] = option("bf16", "bf16 (autocast) or fp32")
+    dtype: Literal["auto", "bf16", "fp32"] = option("auto", "bf16 (autocast), fp32, or auto: bf16 where the device computes it natively, else fp32")
     max_tokens: int = option(256, "completion tokens when a request sets none")
     test_latency: float = option(0.05, "test model: seconds before every answer")
     test_tokens: int = option(16, "test model: words per answer at most")

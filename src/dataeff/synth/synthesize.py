@@ -71,7 +71,7 @@ class SynthesizeConfig:
     seed_text: bool = option(True, "write each sample's seed text (seed_text) beside its index, for "
                                    "`dataeff quality`'s pair metrics")
     device: str = option("auto", "auto, cpu, cuda or mps")
-    dtype: Literal["bf16", "fp32"] = option("bf16", "bf16 (autocast) or fp32")
+    dtype: Literal["auto", "bf16", "fp32"] = option("auto", "bf16 (autocast), fp32, or auto: bf16 where the device computes it natively, else fp32")
     out: str = option("synthetic", "output directory")
     progress: bool = option(True, "show a progress bar")
 

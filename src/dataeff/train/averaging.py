@@ -146,7 +146,7 @@ class Heldout:
     seq_len: int
     batch_size: int = 16
     max_tokens: int | None = None
-    dtype: str = "bf16"
+    dtype: str = "auto"
     doc_offsets: np.ndarray | None = None
     mask: np.ndarray | None = None  # of conditional documents: only the targets it keeps are scored
 

@@ -52,7 +52,7 @@ class TrainConfig:
         "the model's shape comes from it, model.seq_len and model.dropout from this config")
     init_seed: int = option(0, "seed of the weight initialisation", min=0)
     data_seed: int = option(0, "seed of the data order and dropout", min=0)
-    dtype: Literal["bf16", "fp32"] = option("bf16", "bf16 autocast (fp32 master weights) or plain fp32")
+    dtype: Literal["auto", "bf16", "fp32"] = option("auto", "bf16 autocast (fp32 master weights), plain fp32, or auto: bf16 where the device computes it natively, else fp32")
     compile: bool | Literal["auto"] = option(
         False, "torch.compile the model: true, false, or auto (time the first steps eagerly, then compile if the "
                "steps left pay for the compile cost; short runs stay eager)")
@@ -115,7 +115,7 @@ _NOT_IDENTITY = {("run_dir",), ("data", "cache_dir"), ("train", "progress"), ("t
 # A run's identity leaves out every field at its default, so adding a field never changes an existing run's
 # hash. Bump this whenever a default of RunConfig (or of a section in it) changes: an old run trained with the
 # old default must not answer for the new one. tests/test_config.py pins the defaults each version stands for.
-IDENTITY_VERSION = 1
+IDENTITY_VERSION = 2
 
 
 def config_identity(cfg: RunConfig) -> dict[str, Any]:

@@ -253,6 +253,7 @@ def _write_manifest(cfg: RunConfig, run_dir: Path, data: _Data, model: Transform
         "identity": run_identity(cfg),
         "world_size": info.world_size,
         "device": str(info.device),
+        "dtype": dist.resolve_dtype(info.device, t.dtype),
         "data_store": str(data.prepared.path),
         "train_tokens": data.train.n_tokens,
         "val_tokens": data.val.n_tokens,

@@ -75,7 +75,7 @@ class TeacherSampleConfig:
     batch: int
     seed: int
     device: str = "auto"
-    dtype: str = "bf16"
+    dtype: str = "auto"
     # Part of the artifact's key: corpora sampled before documents could outgrow the context were cut at it.
     slide: bool = True
 

@@ -64,7 +64,7 @@ class LLMConfig:
     batch_wait: bool = option(True, "wait for submitted batches; false returns once they are submitted (a "
                                     "rerun polls them)")
     device: str = option("auto", "local: auto, cpu, cuda or mps")
-    dtype: Literal["bf16", "fp32"] = option("bf16", "local: bf16 (autocast) or fp32")
+    dtype: Literal["auto", "bf16", "fp32"] = option("auto", "local: bf16 (autocast), fp32, or auto: bf16 where the device computes it natively, else fp32")
     batch_size: int = option(16, "local: sequences decoded together")
     progress: bool = option(True, "show a progress bar with tokens, cost and ETA")
 

@@ -189,7 +189,7 @@ class HFModel(LocalModel):
         return rows
 
 
-def load_local(path: str, device: str = "auto", dtype: str = "bf16", batch_size: int = 16) -> LocalModel:
+def load_local(path: str, device: str = "auto", dtype: str = "auto", batch_size: int = 16) -> LocalModel:
     p = Path(path)
     if not path:
         raise DataeffError("llm.model: set the local model's path (a run directory, ensemble.json or HF model directory)")
