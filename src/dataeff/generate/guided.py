@@ -41,7 +41,10 @@ class _Words:
         self.eos_token_id, self.bos_token_id = tokenizer.eos_id, None
         self.special_token_ids = [i for i, w in by_id.items() if w.startswith("<") and w.endswith(">")]
         special = set(self.special_token_ids)
-        self.tokens = [b"" if i in special or i not in by_id else b" " + by_id[i].encode() for i in range(n_vocab)]
+        # llguidance's mark of a token that never matches text: a leading 0xFF byte (an empty one would match
+        # everywhere, and <unk> would be sampled inside the JSON).
+        self.tokens = [b"\xff" + by_id.get(i, f"<{i}>").encode() if i in special or i not in by_id
+                       else b" " + by_id[i].encode() for i in range(n_vocab)]
         self.tokenizer = tokenizer
 
     def __call__(self, text: str) -> list[int]:
