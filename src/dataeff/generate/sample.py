@@ -28,7 +28,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +41,9 @@ from dataeff.fsutil import atomic_path
 from dataeff.model.transformer import StepWeights, Transformer
 from dataeff.train.dist import resolve_dtype
 from dataeff.train.rundir import load_model
+
+if TYPE_CHECKING:
+    from dataeff.generate.guided import Guide, RowMasks
 
 Dtype = Literal["auto", "bf16", "fp32"]
 
@@ -129,6 +132,7 @@ def generate(
     batch_size: int = 16,
     dtype: Dtype = "fp32",
     slide: bool = False,
+    guide: Guide | None = None,
 ) -> list[list[int]]:
     """The new tokens for each prompt (non-empty token lists), in order.
 
@@ -136,6 +140,8 @@ def generate(
     Rows are sampled from one ``generator``, so results depend on the seed, the settings and the batching,
     and on nothing else. Dropout is off while sampling. ``slide=True`` generates past the model's context
     with a sliding window (see the module docstring); without it a request that does not fit is refused.
+    ``guide`` constrains the prompts it holds a schema for to answers matching it
+    (:mod:`dataeff.generate.guided`), masking row by row; the other rows sample as without it.
     """
     _check_sampling("generate: ", temperature, top_k, top_p)
     if max_new_tokens < 1 or batch_size < 1:
@@ -171,7 +177,7 @@ def generate(
                     prompts = torch.tensor([list(prompt_ids[i]) for i in chunk], dtype=torch.long, device=device)
                     new = _decode(members, weights, model, prompts, max_new_tokens, stop,
                                   lambda scores: _next_tokens(scores, temperature, top_k, top_p, generator),
-                                  seq_len if slide else None)
+                                  seq_len if slide else None, guide.rows(chunk) if guide is not None else None)
                     for i, tokens in zip(chunk, new, strict=True):
                         results[i] = tokens
     finally:
@@ -182,8 +188,9 @@ def generate(
 
 def _decode(members: list[Transformer], weights: list[StepWeights], model: Transformer | Ensemble,
             prompts: torch.Tensor, max_new_tokens: int, stop: int | None, pick: Callable[[torch.Tensor], torch.Tensor],
-            window: int | None) -> list[list[int]]:
-    """New tokens per row; ``window`` (the context, when sliding) bounds the tokens the model sees at once."""
+            window: int | None, masks: RowMasks | None = None) -> list[list[int]]:
+    """New tokens per row; ``window`` (the context, when sliding) bounds the tokens the model sees at once;
+    ``masks`` forbids, per row, the tokens its grammar does not allow."""
     b, length = prompts.shape
     keep = slide_keep(window) if window is not None else 0
     cache_len = window if window is not None else length + max_new_tokens - 1
@@ -196,9 +203,14 @@ def _decode(members: list[Transformer], weights: list[StepWeights], model: Trans
     n = max_new_tokens
     for i in range(max_new_tokens):
         if isinstance(model, Ensemble):
-            tokens = pick(combine_log_probs([F.log_softmax(x, dim=-1) for x in logits], model.mode, model.weights))
+            scores = combine_log_probs([F.log_softmax(x, dim=-1) for x in logits], model.mode, model.weights)
         else:
-            tokens = pick(logits[0])
+            scores = logits[0]
+        if masks is None:
+            tokens = pick(scores)
+        else:
+            tokens = pick(masks.apply(scores))
+            masks.advance(tokens)
         out[:, i] = tokens
         if stop is not None:
             done |= tokens == stop

@@ -16,7 +16,15 @@ Answers carry ``usage`` in the model's tokens. Concurrent requests are decoded t
 fit the context with its ``max_tokens`` is refused with 400 ``context_length_exceeded`` and both sizes, and
 a request for another model name with 404 ``model_not_found``, as OpenAI and vLLM do. Parameters the server
 cannot honour and that change the answer's meaning (``logprobs``, ``tools``, ``echo``, token-id prompts) are
-refused with 400; ``response_format`` is accepted and ignored (no constrained decoding).
+refused with 400.
+
+Guided JSON decoding, as vLLM does it: ``response_format`` ``{"type": "json_schema", "json_schema": {"name",
+"schema", "strict"}}`` or ``{"type": "json_object"}`` (and vLLM's ``guided_json`` extra field, a schema) on
+either endpoint masks sampling token by token (:mod:`dataeff.generate.guided`), so the answer parses and
+matches the schema, with bounds such as ``maxLength`` and ``maxItems`` held; an answer that runs out of
+``max_tokens`` mid-JSON is cut, with ``finish_reason: "length"``. A schema keyword the grammar engine does not
+implement is refused with 400 naming it; so is a schema on a Hugging Face model. The test model ignores
+it (its answers stay hex words), so clients' schema failures can be tested against it.
 
 ``model=test`` serves the **test model** instead: no weights, every answer after exactly ``test_latency``
 seconds (an async sleep, so concurrent requests do not queue), its text a deterministic function of the
@@ -44,7 +52,7 @@ from pydantic import BaseModel, ConfigDict
 from dataeff.config import option
 from dataeff.errors import DataeffError
 from dataeff.generate.llm.retry import ContextTooLong
-from dataeff.generate.llm.sampling import Completion, GenParams, context_error
+from dataeff.generate.llm.sampling import Completion, GenParams, context_error, json_schema_of
 from dataeff.generate.llm.template import STOP, chat_to_text
 
 
@@ -150,6 +158,8 @@ class Sampling(BaseModel):
     logprobs: Any = None
     tools: Any = None
     echo: bool = False
+    response_format: Any = None
+    guided_json: Any = None  # vLLM's extra field: a JSON Schema (object or text)
 
 class ChatBody(Sampling):
     messages: list[Message]
@@ -201,7 +211,8 @@ def build_app(cfg: ServeConfig, engine: Engine | None = None) -> FastAPI:
         stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
         p = GenParams(max_tokens=body.max_completion_tokens or body.max_tokens or cfg.max_tokens,
                       temperature=1.0 if body.temperature is None else body.temperature,
-                      top_p=1.0 if body.top_p is None else body.top_p, stop=stop + extra_stops, seed=body.seed)
+                      top_p=1.0 if body.top_p is None else body.top_p, stop=stop + extra_stops, seed=body.seed,
+                      schema=json_schema_of(body.response_format, body.guided_json))
         p.check()
         return p
 
@@ -221,7 +232,8 @@ def build_app(cfg: ServeConfig, engine: Engine | None = None) -> FastAPI:
         except ContextTooLong as e:
             return error(400, f"{e}; shorten the {param} or lower max_tokens", "context_length_exceeded", param)
         except ValueError as e:
-            return error(400, str(e))
+            field = str(e).split(":", 1)[0].split(".", 1)[0]
+            return error(400, str(e), param=field if field in ("response_format", "guided_json") else None)
 
     def sse(chunks: list[dict[str, Any]]) -> StreamingResponse:
         async def events() -> AsyncIterator[bytes]:

@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict
 
 from dataeff.config import option, section, to_dict
 from dataeff.data.config import Format
@@ -61,6 +61,10 @@ _MAX_ENTITY_CHARS = 200  # a longer "entity" is a sentence the model wrote into 
 
 
 class Entities(BaseModel):
+    # The schema sent says "no other keys", so a guided decoder closes the object after the two fields instead
+    # of letting a small model wander into invented ones; validation still ignores extra keys a server adds.
+    model_config = ConfigDict(json_schema_extra={"additionalProperties": False})
+
     summary: str
     entities: list[str]
 

@@ -47,7 +47,8 @@ class LLMConfig:
     seed: int | None = option(None, "sampling seed; a request sends seed + its sample index, so repeated samples "
                                     "of one prompt differ yet reproduce")
     json_mode: JsonMode = option("json_schema", "how a request with a schema asks for JSON: json_schema (the "
-                                               "schema as response_format), json_object, or off (prompt only)")
+                                               "schema as response_format, which vLLM, OpenAI and `dataeff serve` "
+                                               "decode under), json_object, or off (prompt only)")
     max_reasks: int = option(2, "times an answer that fails its schema is re-asked, with the error, before the "
                                 "request counts as failed")
     prices: dict[str, Any] = option({}, "USD per million tokens by model name: {MODEL: {input: X, output: Y}}")

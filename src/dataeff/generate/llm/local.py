@@ -8,9 +8,11 @@ prompt after an end-of-document token as in training; Hugging Face models throug
 Hugging Face tokenizer has one, else through :mod:`dataeff.generate.llm.template`.
 
 A prompt that does not fit the model's context with its ``max_tokens`` is refused with both sizes
-(:class:`ContextTooLong`), never truncated. Concurrent requests are decoded together by a :class:`Batcher`:
+(:class:`ContextTooLong`), never truncated. A request with a JSON Schema (``GenParams.schema``) is decoded
+under it (:mod:`dataeff.generate.guided`) by dataeff models and ensembles; Hugging Face models refuse it. Concurrent requests are decoded together by a :class:`Batcher`:
 it waits a few milliseconds for requests to join, then decodes up to ``batch_size`` with equal sampling
-settings in one batch, in a worker thread, one batch at a time. A seed makes a batch reproducible: rows of
+settings in one batch, in a worker thread, one batch at a time; requests with and without a schema share a
+batch, each row masked by its own. A seed makes a batch reproducible: rows of
 one batch share one generator.
 """
 
@@ -29,7 +31,8 @@ import torch
 
 from dataeff.data.tokenizer import Tokenizer
 from dataeff.errors import DataeffError
-from dataeff.eval.ensemble import load_ensemble, resolve_members
+from dataeff.eval.ensemble import Ensemble, load_ensemble, resolve_members
+from dataeff.generate.guided import Guide, Vocabulary
 from dataeff.generate.llm.cache import Answer
 from dataeff.generate.llm.config import LLMConfig
 from dataeff.generate.llm.sampling import Completion, GenParams, context_error
@@ -63,8 +66,14 @@ class LocalModel(ABC):
         """The prompt's token ids as the model sees them."""
 
     @abstractmethod
-    def generate_ids(self, prompts: list[list[int]], params: GenParams) -> list[tuple[list[int], bool]]:
-        """New token ids per prompt, and whether the row ended at end-of-document."""
+    def generate_ids(self, prompts: list[list[int]], params: GenParams,
+                     schemas: Sequence[str | None]) -> list[tuple[list[int], bool]]:
+        """New token ids per prompt, each under its JSON Schema if it has one, and whether the row ended at
+        end-of-document."""
+
+    @abstractmethod
+    def check_schema(self, schema: str) -> None:
+        """``ValueError`` naming the problem if this model cannot decode answers matching ``schema``."""
 
     @abstractmethod
     def decode(self, ids: Sequence[int]) -> str: ...
@@ -74,9 +83,11 @@ class LocalModel(ABC):
         if prompt_tokens + max_tokens - 1 > self.context:
             raise context_error(prompt_tokens, max_tokens, self.context)
 
-    def generate_batch(self, prompts: list[list[int]], params: GenParams) -> list[Completion]:
+    def generate_batch(self, prompts: list[list[int]], params: GenParams,
+                       schemas: Sequence[str | None] | None = None) -> list[Completion]:
         out = []
-        for ids, (new, eos) in zip(prompts, self.generate_ids(prompts, params), strict=True):
+        rows = self.generate_ids(prompts, params, schemas or [params.schema] * len(prompts))
+        for ids, (new, eos) in zip(prompts, rows, strict=True):
             text = self.decode(new)
             cut, stopped = cut_at_stop(text, params.stop)
             n = len(new) + int(eos)
@@ -110,6 +121,18 @@ class DataeffModel(LocalModel):
         self.name = path.stem if path.is_file() else path.name
         self.fingerprint = _fingerprint(files)
         self.dtype, self.batch_size = dtype, batch_size
+        self._vocabulary: Vocabulary | None = None
+
+    @property
+    def vocabulary(self) -> Vocabulary:
+        """The tokenizer as the grammar engine reads it; built at the first guided request (a few ms)."""
+        if self._vocabulary is None:
+            members = self.model.members if isinstance(self.model, Ensemble) else [self.model]
+            self._vocabulary = Vocabulary(self.tokenizer, members[0].cfg.vocab_size)
+        return self._vocabulary
+
+    def check_schema(self, schema: str) -> None:
+        self.vocabulary.matcher(schema)
 
     def chat_prompt(self, messages: Sequence[Mapping[str, str]]) -> str:
         return chat_to_text(messages)
@@ -120,13 +143,15 @@ class DataeffModel(LocalModel):
     def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(ids)
 
-    def generate_ids(self, prompts: list[list[int]], params: GenParams) -> list[tuple[list[int], bool]]:
+    def generate_ids(self, prompts: list[list[int]], params: GenParams,
+                     schemas: Sequence[str | None]) -> list[tuple[list[int], bool]]:
         seed = params.seed if params.seed is not None else int(torch.randint(0, 2**62, ()).item())
         eos = self.tokenizer.eos_id
         rows = generate(self.model, prompts, max_new_tokens=params.max_tokens, temperature=params.temperature,
                         top_p=params.top_p, eos_id=eos, stop_at_eos=True,
                         generator=torch.Generator(device=self.device).manual_seed(seed),
-                        batch_size=self.batch_size, dtype=self.dtype)  # type: ignore[arg-type]
+                        batch_size=self.batch_size, dtype=self.dtype,  # type: ignore[arg-type]
+                        guide=Guide(self.vocabulary, schemas) if any(s is not None for s in schemas) else None)
         return [(r[:-1], True) if r and r[-1] == eos else (r, False) for r in rows]
 
 
@@ -168,7 +193,12 @@ class HFModel(LocalModel):
     def decode(self, ids: Sequence[int]) -> str:
         return str(self.tokenizer.decode(list(ids), skip_special_tokens=True))
 
-    def generate_ids(self, prompts: list[list[int]], params: GenParams) -> list[tuple[list[int], bool]]:
+    def check_schema(self, schema: str) -> None:
+        raise ValueError("response_format: guided decoding is implemented for dataeff runs and ensembles, not for "
+                         "Hugging Face models; send no response_format (the client still validates the answer)")
+
+    def generate_ids(self, prompts: list[list[int]], params: GenParams,
+                     schemas: Sequence[str | None]) -> list[tuple[list[int], bool]]:
         if params.seed is not None:
             torch.manual_seed(params.seed)
         pad = self.pad
@@ -217,6 +247,8 @@ class Batcher:
         params.check()
         ids = self.model.encode(prompt)
         self.model.check(len(ids), params.max_tokens)
+        if params.schema is not None:
+            self.model.check_schema(params.schema)
         future: asyncio.Future[Completion] = asyncio.get_running_loop().create_future()
         self.pending.append((ids, params, future))
         if self.task is None or self.task.done():
@@ -226,12 +258,14 @@ class Batcher:
     async def _run(self) -> None:
         while self.pending:
             await asyncio.sleep(self.max_wait)  # let requests arriving together share a batch
-            # Rows of a batch share their sampling settings (the seed is the first row's).
-            group = replace(self.pending[0][1], seed=None)
-            batch = [item for item in self.pending if replace(item[1], seed=None) == group][: self.batch_size]
+            # Rows of a batch share their sampling settings (the seed is the first row's); each has its schema.
+            group = replace(self.pending[0][1], seed=None, schema=None)
+            batch = [item for item in self.pending
+                     if replace(item[1], seed=None, schema=None) == group][: self.batch_size]
             self.pending = [item for item in self.pending if not any(item is b for b in batch)]
             try:
-                outs = await asyncio.to_thread(self.model.generate_batch, [b[0] for b in batch], batch[0][1])
+                outs = await asyncio.to_thread(self.model.generate_batch, [b[0] for b in batch], batch[0][1],
+                                               [b[1].schema for b in batch])
             except Exception as e:
                 for _, _, future in batch:
                     if not future.done():

@@ -52,6 +52,29 @@ def validate(schema: Schema, text: str) -> tuple[Any, str | None]:
         return None, f"does not match the schema: {problems}"
 
 
+def sketch(schema: Any, defs: dict[str, Any] | None = None, depth: int = 0) -> str:
+    """A JSON Schema in a few tokens, as the shape of a value: ``{"summary": string, "entities": [string]}``.
+
+    What a re-ask reminds the model of: the full schema again can outgrow a short context, and the model
+    has already been told the task."""
+    if not isinstance(schema, dict) or depth > 4:
+        return "value"
+    defs = {**(defs or {}), **schema.get("$defs", {})}
+    if isinstance(ref := schema.get("$ref"), str) and ref.rsplit("/", 1)[-1] in defs:
+        return sketch(defs[ref.rsplit("/", 1)[-1]], defs, depth + 1)
+    if "enum" in schema:
+        return "|".join(json.dumps(v) for v in schema["enum"])
+    options = schema.get("anyOf") or schema.get("oneOf")
+    if isinstance(options, list):
+        return " or ".join(sketch(o, defs, depth + 1) for o in options)
+    kind = schema.get("type")
+    if kind == "object" and isinstance(props := schema.get("properties"), dict):
+        return "{" + ", ".join(f"{json.dumps(k)}: {sketch(v, defs, depth + 1)}" for k, v in props.items()) + "}"
+    if kind == "array":
+        return f"[{sketch(schema.get('items'), defs, depth + 1)}, ...]"
+    return kind if isinstance(kind, str) else "value"
+
+
 def reask_message(error: str, schema: Schema) -> str:
-    return (f"That answer {error}. Reply again with only a JSON value matching this JSON Schema, and nothing "
-            f"else:\n{json.dumps(schema_json(schema), separators=(',', ':'))}")
+    """The re-ask after an answer failed its schema: the error and the shape, short enough for a small context."""
+    return f"That answer {error}. Reply with only JSON of this shape: {sketch(schema_json(schema))}"
