@@ -43,7 +43,7 @@ from dataeff.config import option, section, to_dict
 from dataeff.data.config import DataConfig
 from dataeff.data.corpora import read_source, resolve_sources
 from dataeff.errors import DataeffError
-from dataeff.fsutil import atomic_write_text
+from dataeff.fsutil import atomic_write_text, json_records
 from dataeff.synth.dedup import NearDup, NearDupConfig, ngram_hashes, word_hashes, words
 
 Encode = Callable[[Sequence[str]], np.ndarray]
@@ -458,24 +458,16 @@ def read_corpus(path: str | Path, text_field: str = "text", name: str | None = N
     texts: list[str] = []
     seeds: list[str | None] = []
     empty = 0
-    for number, line in enumerate(content.split("\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataeffError(f"{path}:{number}: malformed JSON ({e.msg} at column {e.colno})") from None
-        if not isinstance(record, dict):
-            raise DataeffError(f"{path}:{number}: expected a JSON object, got a {type(record).__name__}")
+    for loc, record in json_records(content, str(path)):
         if text_field not in record:
-            raise DataeffError(f"{path}:{number}: no field '{text_field}' (found: {', '.join(record) or 'none'})")
+            raise DataeffError(f"{loc}: no field '{text_field}' (found: {', '.join(record) or 'none'})")
         text = record[text_field]
         if not isinstance(text, str):
-            raise DataeffError(f"{path}:{number}: field '{text_field}' is {type(text).__name__}, expected a string")
+            raise DataeffError(f"{loc}: field '{text_field}' is {type(text).__name__}, expected a string")
         seed_field = next((f for f in _SEED_FIELDS if record.get(f) is not None), None)
         seed = record[seed_field] if seed_field else None
         if seed_field == "seed_text" and not isinstance(seed, str):
-            raise DataeffError(f"{path}:{number}: field 'seed_text' is {type(seed).__name__}, expected a string")
+            raise DataeffError(f"{loc}: field 'seed_text' is {type(seed).__name__}, expected a string")
         if not isinstance(seed, str):
             seed = None  # a non-string "seed" is an id or a sampling seed, not the seed document
         if not text.strip():
