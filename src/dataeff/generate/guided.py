@@ -5,24 +5,21 @@ always parses and matches the schema. An answer cut short by ``max_tokens`` stop
 ``finish_reason`` says ``length``).
 
 The grammar engine is llguidance (guidance-ai, the engine behind vLLM's, SGLang's and llama.cpp's structured
-output). Chosen because it is a dependency-free CPU wheel that reads our tokenizers as they are: a byte-level
-BPE from its ``tokenizer.json``, a word-level vocabulary from its tokens' bytes; it covers the JSON Schema we
-send (``$ref``, ``enum``, ``maxLength``, ``maxItems``, ...), names the keywords it does not implement, and
-computes a mask in microseconds. The other candidates installable here fell short: xgrammar pulls triton (and
+output). Chosen because it is a dependency-free CPU wheel that reads our byte-level BPE from its
+``tokenizer.json`` as it is; it covers the JSON Schema we send (``$ref``, ``enum``, ``maxLength``,
+``maxItems``, ...), names the keywords it does not implement, and computes a mask in microseconds. The other candidates installable here fell short: xgrammar pulls triton (and
 would have us trust a torch of its own), lm-format-enforcer walks the vocabulary in Python every step, and
 outlines-core compiles a schema to a regular expression, which cannot nest arbitrarily.
 
 Answers are written as Python's ``json.dumps`` writes them (``", "`` and ``": "`` between items, no other
 whitespace): free whitespace would let a small model spend its tokens on blanks, and this is the form of
-the JSON in text written by Python. A word-level vocabulary decodes as words joined by single spaces, so
-each word token is its bytes after a space, and the answer begins with that space.
+the JSON in text written by Python. Word-level vocabularies are refused (see :class:`Vocabulary`).
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from typing import Any
 
 import llguidance
 import numpy as np
@@ -33,37 +30,19 @@ from dataeff.data.tokenizer import Tokenizer
 _FORMAT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 
 
-class _Words:
-    """A word-level vocabulary as llguidance's ``TokenizerWrapper`` reads it: every word after a space."""
-
-    def __init__(self, tokenizer: Tokenizer, n_vocab: int):
-        by_id = {i: w for w, i in tokenizer.hf.get_vocab(with_added_tokens=True).items()}
-        self.eos_token_id, self.bos_token_id = tokenizer.eos_id, None
-        self.special_token_ids = [i for i, w in by_id.items() if w.startswith("<") and w.endswith(">")]
-        special = set(self.special_token_ids)
-        # llguidance's mark of a token that never matches text: a leading 0xFF byte (an empty one would match
-        # everywhere, and <unk> would be sampled inside the JSON).
-        self.tokens = [b"\xff" + by_id.get(i, f"<{i}>").encode() if i in special or i not in by_id
-                       else b" " + by_id[i].encode() for i in range(n_vocab)]
-        self.tokenizer = tokenizer
-
-    def __call__(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text)
-
-
 class Vocabulary:
     """A tokenizer as the grammar engine sees it, for a model whose logits have ``n_vocab`` entries."""
 
     def __init__(self, tokenizer: Tokenizer, n_vocab: int):
+        if tokenizer.kind != "bpe":
+            # llguidance forces the bytes a grammar leaves no choice about (the `": "` after a key) by
+            # tokenizing them, and assumes any bytes can be tokenized. A word vocabulary cannot spell `"`
+            # alone, and the engine then masks as if it had: measured, the answer broke 10 bytes in.
+            raise ValueError(f"response_format: guided decoding needs a byte-level BPE tokenizer, which can spell "
+                             f"any text a schema forces; this model's {tokenizer.kind}-level vocabulary cannot. "
+                             f"Set json_mode=off (the client still validates and re-asks)")
         self.n_vocab, self.eos_id = n_vocab, tokenizer.eos_id
-        self.words = tokenizer.kind == "word"
-        if self.words:
-            source: Any = llguidance.TokenizerWrapper(_Words(tokenizer, n_vocab))
-        elif tokenizer.kind == "bpe":
-            source = tokenizer.hf.to_str()
-        else:
-            raise ValueError(f"guided decoding reads byte-level BPE and word-level tokenizers, not {tokenizer.kind}")
-        self.ll = llguidance.LLTokenizer(source, n_vocab=n_vocab, eos_token=tokenizer.eos_id)
+        self.ll = llguidance.LLTokenizer(tokenizer.hf.to_str(), n_vocab=n_vocab, eos_token=tokenizer.eos_id)
 
     def grammar(self, schema: str) -> str:
         """The grammar of answers matching ``schema`` (JSON Schema text), written as the module docstring says."""
@@ -71,8 +50,7 @@ class Vocabulary:
         if isinstance(value, dict):
             value = {**value, "x-guidance": {**_FORMAT, **value.get("x-guidance", {})}}
         embedded = json.dumps(value, separators=(",", ":"))
-        space = '" " ' if self.words else ""
-        return llguidance.LLMatcher.grammar_from_lark(f"start: {space}answer\nanswer: %json {embedded}")
+        return llguidance.LLMatcher.grammar_from_lark(f"start: %json {embedded}")
 
     def matcher(self, schema: str) -> llguidance.LLMatcher:
         """A fresh matcher of ``schema``; ``ValueError`` naming the problem if the schema or this vocabulary
@@ -109,8 +87,8 @@ class RowMasks:
         packed = torch.from_numpy(bits.astype(np.int64))
         allowed = ((packed.unsqueeze(-1) >> self.shifts) & 1).bool().reshape(len(self.rows), -1)
         allowed = allowed[:, : scores.shape[-1]]
-        # A vocabulary that can write no next byte of the grammar (a word list) ends the row rather than
-        # sampling from nothing: the answer then fails its schema where the client checks it.
+        # A vocabulary that can write no next byte of the grammar ends the row rather than sampling from
+        # nothing: the answer then fails its schema where the client checks it.
         stuck = ~allowed.any(dim=-1)
         allowed[stuck, self.vocab.eos_id] = True
         mask = torch.ones(scores.shape, dtype=torch.bool)

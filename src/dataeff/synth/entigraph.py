@@ -43,9 +43,9 @@ import random
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, create_model
 
 from dataeff.config import option, section, to_dict
 from dataeff.data.config import Format
@@ -58,6 +58,7 @@ from dataeff.synth.llmjobs import context_error, job_counts, remaining, served_c
 from dataeff.synth.prompt import Prompt, load_prompt
 
 _MAX_ENTITY_CHARS = 200  # a longer "entity" is a sentence the model wrote into the list
+_BOUNDED_ENTITY_CHARS = 60  # a bounded schema's longest entity: a long name, not a clause
 
 
 class Entities(BaseModel):
@@ -67,6 +68,16 @@ class Entities(BaseModel):
 
     summary: str
     entities: list[str]
+
+
+def bounded_entities(summary_max_chars: int, max_entities: int) -> type[Entities]:
+    """:class:`Entities` whose schema bounds the answer: a summary of at most ``summary_max_chars``, at most
+    ``max_entities`` entities (no more are kept) of at most ``_BOUNDED_ENTITY_CHARS`` each. Under guided decoding a
+    bounded answer always closes, so a small model cannot spend ``entity_max_tokens`` inside one string."""
+    return create_model("Entities", __base__=Entities,
+                        summary=(str, Field(max_length=summary_max_chars)),
+                        entities=(list[Annotated[str, StringConstraints(max_length=_BOUNDED_ENTITY_CHARS)]],
+                                  Field(max_length=max_entities)))
 
 
 @dataclass
@@ -87,6 +98,10 @@ class EntiGraphConfig:
     entity_max_tokens: int = option(1024, "completion tokens of the entity call (the relation calls use llm.max_tokens)",
                                     min=1)
     max_entities: int = option(50, "entities kept per document, in the model's order", min=1)
+    summary_max_chars: int = option(0, "bound the entity answer for guided decoding: a summary of at most this "
+                                       "many characters and at most max_entities entities, so that a small "
+                                       "model's answer closes within entity_max_tokens (0: no bounds, for "
+                                       "endpoints that refuse maxLength/maxItems)", min=0)
     pairs: bool = option(True, "write a relation text for every pair of entities")
     triples: int = option(20, "triples of entities per document, sampled with the seed, with a relation text each",
                           min=0)
@@ -191,6 +206,7 @@ def entigraph_job(config: EntiGraphConfig, out_dir: Path) -> dict[str, Any]:
     docs = [_Doc(s) for s in sources]
     out_dir.mkdir(parents=True, exist_ok=True)
 
+    schema = bounded_entities(cfg.summary_max_chars, cfg.max_entities) if cfg.summary_max_chars else Entities
     asked: list[tuple[_Doc, Request]] = []
     for doc in docs:
         messages = entities_prompt.messages({"document": doc.source.text})
@@ -198,7 +214,7 @@ def entigraph_job(config: EntiGraphConfig, out_dir: Path) -> dict[str, Any]:
         if refusal is not None:
             doc.status, doc.error = "too_long", f"the entity prompt: {refusal}"
             continue
-        asked.append((doc, Request(messages, schema=Entities, prompt_version=entities_prompt.version,
+        asked.append((doc, Request(messages, schema=schema, prompt_version=entities_prompt.version,
                                    params={"max_tokens": cfg.entity_max_tokens})))
     first = run_job(cfg.llm, [r for _, r in asked], manifest=out_dir / "entities.manifest.json") if asked else None
     for (doc, _), result in zip(asked, first.results if first else [], strict=True):

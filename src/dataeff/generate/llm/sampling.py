@@ -16,7 +16,7 @@ _ANY_OBJECT = '{"type":"object"}'
 
 
 def json_schema_of(response_format: Any, guided_json: Any = None) -> str | None:
-    """The JSON Schema (as canonical JSON text) an answer must match, from OpenAI's ``response_format``
+    """The JSON Schema (as compact JSON text, keys in their given order) an answer must match, from OpenAI's ``response_format``
     (``json_schema`` or ``json_object``) or vLLM's ``guided_json``; ``None`` for free text. ``ValueError``
     naming the field for one that cannot be honoured, such as a schema keyword the grammar engine lacks."""
     if guided_json is not None:
@@ -38,7 +38,9 @@ def json_schema_of(response_format: Any, guided_json: Any = None) -> str | None:
         raise ValueError(f"response_format.type: {kind!r} is not one of text, json_object, json_schema")
     if not isinstance(schema, Mapping | bool):
         raise ValueError(f"{where}: expected a JSON Schema object, got {schema!r}")
-    text = json.dumps(schema, sort_keys=True, separators=(",", ":"))
+    # Key order kept: the grammar writes an object's properties in the order the schema lists them, and a
+    # schema puts first what the model should write first (a summary before the entities drawn from it).
+    text = json.dumps(schema, separators=(",", ":"))
     problem = llguidance.LLMatcher.validate_grammar(llguidance.LLMatcher.grammar_from_json_schema(text))
     if problem:
         raise ValueError(f"{where}: {problem}")
