@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from dataeff.data.corpora import resolve_sources
 from dataeff.experiment.config import STAGES, PipelineConfig, Results, write_results
 from dataeff.experiment.progress import PipelineProgress
 from dataeff.experiment.stage import Context
@@ -23,6 +24,7 @@ def run_pipeline(cfg: PipelineConfig, *, progress: bool = True) -> Results:
     ctx = Context(cfg, Path(cfg.root), progress)
     enabled = [(stage, stage.config(cfg)) for stage in STAGES if stage.enabled(stage.config(cfg))]
     # Refused before anything trains: a stage's bad setting must not surface after hours of tuning.
+    resolve_sources(cfg.base.data)  # a corpus that cannot be found is refused before the progress line starts
     for stage, stage_cfg in enabled:
         stage.check(ctx, stage_cfg)
     ctx.root.mkdir(parents=True, exist_ok=True)
