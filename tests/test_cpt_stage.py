@@ -13,6 +13,8 @@ from dataeff.config import from_dict
 from dataeff.errors import DataeffError
 from dataeff.experiment.config import PipelineConfig, read_results
 from dataeff.experiment.pipeline import run_pipeline
+from dataeff.experiment.stage import Context
+from dataeff.experiment.stages.cpt import STAGE as CPT_STAGE
 
 WORDS = ["the", "red", "cat", "sat", "under", "a", "blue", "tree", "and", "dog", "ran", "to", "river", "stone"]
 
@@ -79,6 +81,12 @@ def test_bad_cpt_settings_are_refused_before_anything_trains(tmp_path, small_cor
     cfg.cpt.token_counts = [500, 500, 1000]
     with pytest.raises(DataeffError, match=r"cpt\.token_counts=\[500, 500, 1000\]: give distinct"):
         run_pipeline(cfg, progress=False)
+    cfg = _world(tmp_path, small_corpus)
+    cfg.base.tokenizer.kind, cfg.cpt.entigraph, cfg.cpt.generate, cfg.cpt.serve = "word", None, True, "base"
+    with pytest.raises(DataeffError, match=r"word-level tokenizer.*cpt\.generator\.json_mode=off"):
+        run_pipeline(cfg, progress=False)
+    cfg.cpt.generator.json_mode = "off"  # free-text entity answers: the client validates them, nothing refused
+    CPT_STAGE.check(Context(cfg, tmp_path / "p", False), cfg.cpt)
     assert not (tmp_path / "p" / "runs").exists()
 
 

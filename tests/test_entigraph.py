@@ -12,8 +12,9 @@ from synth_server import SynthServer
 
 from dataeff.errors import DataeffError
 from dataeff.generate.llm import LLMConfig
+from dataeff.generate.llm.schema import schema_json
 from dataeff.synth.documents import chunk_text, read_documents
-from dataeff.synth.entigraph import EntiGraphConfig, clean_entities, entigraph_job
+from dataeff.synth.entigraph import EntiGraphConfig, bounded_entities, clean_entities, entigraph_job
 from dataeff.synth.prompt import PROMPTS, load_prompt
 
 DOCS = [
@@ -176,6 +177,17 @@ def test_prompts_are_versioned_files_overridable_by_path(tmp_path):
         load_prompt(str(bad), {"document"}, "entities_prompt")
     with pytest.raises(DataeffError, match="no such prompt file"):
         load_prompt("entigraph_nope", {"document"}, "entities_prompt")
+
+
+def test_the_bounded_schema_bounds_the_answer_and_validation_stays_lenient():
+    schema = schema_json(bounded_entities(40, 3))
+    assert list(schema["properties"]) == ["summary", "entities"] and schema["additionalProperties"] is False
+    entities = schema["properties"]["entities"]
+    assert schema["properties"]["summary"]["maxLength"] == 40
+    assert entities["maxItems"] == 3 and entities["items"]["maxLength"] == 60
+    # An endpoint that ignores the bounds is cleaned, not refused.
+    parsed = bounded_entities(40, 3).model_validate({"summary": "x" * 100, "entities": [f"E{i}" for i in range(5)]})
+    assert len(parsed.summary) == 100 and clean_entities(parsed.entities, 3) == ["E0", "E1", "E2"]
 
 
 def test_clean_entities_drops_blanks_repeats_and_sentences():

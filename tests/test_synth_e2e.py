@@ -75,7 +75,7 @@ def test_both_commands_run_against_dataeff_serve_and_a_rerun_is_all_cache_hits(s
     short, medium, long = _lines(tmp_path / "eg" / "documents.jsonl")
     # Guided decoding starts the JSON, but 24 tokens cut it short: the entity calls fail their schema, the raw
     # (cut) answers kept.
-    assert short["status"] == medium["status"] == "failed" and "schema" in short["error"]
+    assert short["status"] == medium["status"] == "failed" and "EOF while parsing" in short["error"]
     # The long document does not fit the served 256-token context: refused with the sizes, never sent.
     assert long["status"] == "too_long" and "context is 256 tokens" in long["error"]
     assert metrics["statuses"] == {"failed": 2, "too_long": 1} and metrics["sent"] == 2

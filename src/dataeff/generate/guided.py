@@ -39,8 +39,9 @@ class Vocabulary:
             # tokenizing them, and assumes any bytes can be tokenized. A word vocabulary cannot spell `"`
             # alone, and the engine then masks as if it had: measured, the answer broke 10 bytes in.
             raise ValueError(f"response_format: guided decoding needs a byte-level BPE tokenizer, which can spell "
-                             f"any text a schema forces; this model's {tokenizer.kind}-level vocabulary cannot. "
-                             f"Set json_mode=off (the client still validates and re-asks)")
+                             f"any text a schema forces; this model's tokenizer ({tokenizer.kind}) cannot. Set "
+                             f"the client's json_mode=off (llm.json_mode, cpt.generator.json_mode): it still "
+                             f"validates the answers and re-asks")
         self.n_vocab, self.eos_id = n_vocab, tokenizer.eos_id
         self.ll = llguidance.LLTokenizer(tokenizer.hf.to_str(), n_vocab=n_vocab, eos_token=tokenizer.eos_id)
 

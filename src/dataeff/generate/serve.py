@@ -23,7 +23,8 @@ Guided JSON decoding, as vLLM does it: ``response_format`` ``{"type": "json_sche
 either endpoint masks sampling token by token (:mod:`dataeff.generate.guided`), so the answer parses and
 matches the schema, with bounds such as ``maxLength`` and ``maxItems`` held; an answer that runs out of
 ``max_tokens`` mid-JSON is cut, with ``finish_reason: "length"``. A schema keyword the grammar engine does not
-implement is refused with 400 naming it; so is a schema on a Hugging Face model. The test model ignores
+implement is refused with 400 naming it; so is a schema on a Hugging Face model or a word-level run (whose
+vocabulary cannot spell what a schema forces). The test model ignores
 it (its answers stay hex words), so clients' schema failures can be tested against it.
 
 ``model=test`` serves the **test model** instead: no weights, every answer after exactly ``test_latency``

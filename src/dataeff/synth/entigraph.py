@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, create_model
+from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from dataeff.config import option, section, to_dict
 from dataeff.data.config import Format
@@ -71,13 +71,15 @@ class Entities(BaseModel):
 
 
 def bounded_entities(summary_max_chars: int, max_entities: int) -> type[Entities]:
-    """:class:`Entities` whose schema bounds the answer: a summary of at most ``summary_max_chars``, at most
-    ``max_entities`` entities (no more are kept) of at most ``_BOUNDED_ENTITY_CHARS`` each. Under guided decoding a
-    bounded answer always closes, so a small model cannot spend ``entity_max_tokens`` inside one string."""
+    """:class:`Entities` whose *schema* bounds the answer's length: a summary of at most ``summary_max_chars``,
+    at most ``max_entities`` entities (no more are kept) of at most ``_BOUNDED_ENTITY_CHARS`` each. A guided
+    decoder then cannot spend ``entity_max_tokens`` inside one string, though the longest bounded answer may
+    still need more tokens than that. Validation stays as lenient as :class:`Entities`'s: an endpoint that
+    ignores the bounds gets its longer answer cleaned (:func:`clean_entities`), not refused."""
+    item = Annotated[str, Field(json_schema_extra={"maxLength": _BOUNDED_ENTITY_CHARS})]
     return create_model("Entities", __base__=Entities,
-                        summary=(str, Field(max_length=summary_max_chars)),
-                        entities=(list[Annotated[str, StringConstraints(max_length=_BOUNDED_ENTITY_CHARS)]],
-                                  Field(max_length=max_entities)))
+                        summary=(str, Field(json_schema_extra={"maxLength": summary_max_chars})),
+                        entities=(list[item], Field(json_schema_extra={"maxItems": max_entities})))
 
 
 @dataclass
@@ -98,10 +100,11 @@ class EntiGraphConfig:
     entity_max_tokens: int = option(1024, "completion tokens of the entity call (the relation calls use llm.max_tokens)",
                                     min=1)
     max_entities: int = option(50, "entities kept per document, in the model's order", min=1)
-    summary_max_chars: int = option(0, "bound the entity answer for guided decoding: a summary of at most this "
-                                       "many characters and at most max_entities entities, so that a small "
-                                       "model's answer closes within entity_max_tokens (0: no bounds, for "
-                                       "endpoints that refuse maxLength/maxItems)", min=0)
+    summary_max_chars: int = option(0, "bound the entity answer's length in its schema, for guided decoding: a "
+                                       "summary of at most this many characters, at most max_entities entities "
+                                       "of at most 60 characters, so a small model cannot spend "
+                                       "entity_max_tokens inside one string (0: no bounds, for endpoints that "
+                                       "refuse maxLength/maxItems)", min=0)
     pairs: bool = option(True, "write a relation text for every pair of entities")
     triples: int = option(20, "triples of entities per document, sampled with the seed, with a relation text each",
                           min=0)
