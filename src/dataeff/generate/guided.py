@@ -7,9 +7,10 @@ always parses and matches the schema. An answer cut short by ``max_tokens`` stop
 The grammar engine is llguidance (guidance-ai, the engine behind vLLM's, SGLang's and llama.cpp's structured
 output). Chosen because it is a dependency-free CPU wheel that reads our byte-level BPE from its
 ``tokenizer.json`` as it is; it covers the JSON Schema we send (``$ref``, ``enum``, ``maxLength``,
-``maxItems``, ...), names the keywords it does not implement, and computes a mask in microseconds. The other candidates installable here fell short: xgrammar pulls triton (and
-would have us trust a torch of its own), lm-format-enforcer walks the vocabulary in Python every step, and
-outlines-core compiles a schema to a regular expression, which cannot nest arbitrarily.
+``maxItems``, ...), names the keywords it does not implement, and computes a mask in microseconds. The
+other candidates installable here fell short: xgrammar pulls triton (and would have us trust a torch of its
+own), lm-format-enforcer walks the vocabulary in Python every step, and outlines-core compiles a schema to
+a regular expression, which cannot nest arbitrarily.
 
 Answers are written as Python's ``json.dumps`` writes them (``", "`` and ``": "`` between items, no other
 whitespace): free whitespace would let a small model spend its tokens on blanks, and this is the form of

@@ -32,7 +32,7 @@ import torch
 from dataeff.config import from_dict, option, section, to_dict
 from dataeff.data.config import DataConfig
 from dataeff.data.corpora import data_root, default_tokenizer_kind, file_sha256
-from dataeff.data.tokenizer import Tokenizer
+from dataeff.data.tokenizer import Tokenizer, resolve_kind
 from dataeff.errors import DataeffError
 from dataeff.eval.ensemble import EnsembleSpec, load_ensemble, save_ensemble
 from dataeff.eval.quality import QAItem, read_articles, read_quality, split_items
@@ -249,8 +249,7 @@ def _check(ctx: Context, c: CPTStageConfig) -> None:
         raise DataeffError(f"cpt.articles={_articles(c)}: no such file")
     if c.base == "tuned" and c.size is not None and c.size not in ctx.cfg.sizes:
         raise DataeffError(f"cpt.size={c.size} is not among the pipeline's sizes {ctx.cfg.sizes}")
-    kind = ctx.cfg.base.tokenizer.kind
-    kind = default_tokenizer_kind(ctx.cfg.base.data) if kind == "auto" else kind
+    kind = resolve_kind(ctx.cfg.base.tokenizer, default_tokenizer_kind(ctx.cfg.base.data))
     if (c.generate and c.entigraph is None and c.serve == "base" and c.base == "tuned" and kind == "word"
             and c.generator.json_mode != "off"):
         # Refused now: guided decoding would refuse every entity call, but only after the tuning has run.

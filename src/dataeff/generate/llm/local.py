@@ -10,8 +10,8 @@ Hugging Face tokenizer has one, else through :mod:`dataeff.generate.llm.template
 A prompt that does not fit the model's context with its ``max_tokens`` is refused with both sizes
 (:class:`ContextTooLong`), never truncated. A request with a JSON Schema (``GenParams.schema``) is decoded
 under it (:mod:`dataeff.generate.guided`) by dataeff models and ensembles with a byte-level BPE tokenizer;
-Hugging Face models and word-level runs refuse it. Concurrent requests are decoded together by a :class:`Batcher`:
-it waits a few milliseconds for requests to join, then decodes up to ``batch_size`` with equal sampling
+Hugging Face models and word-level runs refuse it. Concurrent requests are decoded together by a
+:class:`Batcher`: it waits a few milliseconds for requests to join, then decodes up to ``batch_size`` with equal sampling
 settings in one batch, in a worker thread, one batch at a time; requests with and without a schema share a
 batch, each row masked by its own. A seed makes a batch reproducible: rows of
 one batch share one generator.

@@ -16,9 +16,10 @@ _ANY_OBJECT = '{"type":"object"}'
 
 
 def json_schema_of(response_format: Any, guided_json: Any = None) -> str | None:
-    """The JSON Schema (as compact JSON text, keys in their given order) an answer must match, from OpenAI's ``response_format``
-    (``json_schema`` or ``json_object``) or vLLM's ``guided_json``; ``None`` for free text. ``ValueError``
-    naming the field for one that cannot be honoured, such as a schema keyword the grammar engine lacks."""
+    """The JSON Schema (as compact JSON text, keys in their given order) an answer must match, from OpenAI's
+    ``response_format`` (``json_schema`` or ``json_object``) or vLLM's ``guided_json``; ``None`` for free text.
+    ``ValueError`` naming the field for one that cannot be honoured, such as a schema keyword the grammar
+    engine lacks."""
     if guided_json is not None:
         schema, where = (json.loads(guided_json) if isinstance(guided_json, str) else guided_json), "guided_json"
     elif response_format is None:
