@@ -41,11 +41,14 @@ def test_tensorboard_gets_every_metrics_row(small_corpus, tmp_path) -> None:
 
 @pytest.mark.slow  # W&B starts its own service process: several seconds
 def test_wandb_runs_offline_in_the_run_directory_grouped_by_pipeline(small_corpus, tmp_path, monkeypatch) -> None:
-    pytest.importorskip("wandb")
+    wandb = pytest.importorskip("wandb")
     monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.setenv("WANDB_SILENT", "true")
     run_dir = tmp_path / "run"
     train(_config(small_corpus, run_dir, loggers=["wandb"], log_group="my-pipeline"))
+    # finish() returns before wandb-core's writer has closed the record, so a busy machine can read only its
+    # header; teardown waits for the service to exit, as the end of a process does before `wandb sync`.
+    wandb.teardown()
     rows = [r for r in read_jsonl(run_dir / "metrics.jsonl") if "train_loss" in r]
     # No network here: the run was written offline, under the run's name, for `wandb sync` later.
     [offline] = (run_dir / "wandb").glob("offline-run-*-run")
