@@ -15,6 +15,7 @@ from dataeff.errors import DataeffError
 
 # name -> (d_model, n_layers, n_heads). Non-embedding parameters are ~12·d²·L; the vocabulary adds the rest.
 PRESETS: dict[str, tuple[int, int, int]] = {
+    "femto": (8, 2, 2),  # ~0.002M non-embedding: where a 25k-token world's loss still falls steeply with size
     "pico": (16, 2, 2),  # ~0.007M non-embedding: the smallest demo-world size
     "nano": (32, 2, 2),  # ~0.03M non-embedding: smoke tests
     "micro": (64, 2, 2),  # ~0.1M
